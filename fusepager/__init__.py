@@ -1,0 +1,1 @@
+"""fusepager: external memory managers that keep their pages in real files, shown through FUSE."""

@@ -1,0 +1,159 @@
+"""One simulated host: its page size, its memory, its tasks and its VM objects.
+
+    async with kernelsim.boot("k1", page_size=4096, memory_pages=256) as kernel:
+        task = kernel.task_create()
+        address = task.vm_map(object_port.make_send(), 4 * kernel.page_size)
+        data = await task.read(address, 100)
+
+Several kernels can live in one process; each speaks to managers only through ports, so a
+kernel in another process ([5/8]) looks the same to them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, fields
+
+import trio
+
+from .interface import VM_INHERIT_NONE, VM_INHERIT_SHARE, KernInvalidArgument, KernResourceShortage
+from .ipc_port import SendRight, port_allocate
+from .memory_object import ControlServer, NotifyServer
+from .task import Task
+from .vm_object import ObjectTable, VMObject
+from .vm_page import Page, ResidentMemory
+from .vm_pageout import make_room
+
+MIN_PAGE_SIZE = 4096
+
+
+@dataclass
+class KernelStats:
+    faults: int = 0
+    inits: int = 0
+    data_requests: int = 0
+    pages_requested: int = 0
+    pages_supplied: int = 0
+    zero_fills: int = 0
+    data_errors: int = 0
+    unlocks: int = 0
+    lock_requests: int = 0
+    flushes: int = 0
+    data_returns: int = 0
+    pages_returned: int = 0
+    evictions: int = 0
+    partial_pages_discarded: int = 0
+    refused_calls: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {field.name: getattr(self, field.name) for field in fields(self)}
+
+
+class Kernel:
+    def __init__(self, name: str, page_size: int = MIN_PAGE_SIZE, memory_pages: int = 1024, *, cluster_pages: int = 1) -> None:
+        if page_size < MIN_PAGE_SIZE or page_size & (page_size - 1):
+            raise KernInvalidArgument(f"page size {page_size} must be a power of two ≥ {MIN_PAGE_SIZE}", page_size=page_size)
+        if memory_pages < 1:
+            raise KernInvalidArgument(f"memory limit {memory_pages} must be at least one page", memory_pages=memory_pages)
+        if cluster_pages < 1:
+            raise KernInvalidArgument(f"cluster size {cluster_pages} must be at least one page", cluster_pages=cluster_pages)
+        self.name = name
+        self.page_size = page_size
+        self.cluster_pages = cluster_pages
+        self.resident = ResidentMemory(memory_pages)
+        self.stats = KernelStats()
+        self.events: deque[str] = deque(maxlen=1000)
+        self.tasks: set[Task] = set()
+        self.default_memory_manager: SendRight | None = None
+        self.control_server = ControlServer(self)
+        self.notify_port = port_allocate(f"{name} notify", host=name)
+        self.notify_port.set_kobject(NotifyServer(self).handle)
+        self.objects = ObjectTable(self)
+        self.running = True
+
+    def __repr__(self) -> str:
+        return f"<kernel {self.name} page_size={self.page_size} memory={self.resident.limit}>"
+
+    @property
+    def memory_pages(self) -> int:
+        return self.resident.limit
+
+    def note(self, event: str) -> None:
+        """Keep a line about something the kernel did or refused, for whoever is watching."""
+        self.events.append(event)
+
+    def task_create(self, parent: Task | None = None, inherit_memory: bool = True, name: str | None = None) -> Task:
+        """A new task; with a parent and inherit_memory, its map is built from the parent's by
+        each entry's inheritance (share: the same object; none: left out)."""
+        task = Task(self, name)
+        if parent is not None and inherit_memory:
+            if parent.kernel is not self:
+                raise KernInvalidArgument("a parent task must belong to the same kernel")
+            for entry in parent.map:
+                if entry.inheritance == VM_INHERIT_NONE:
+                    continue
+                if entry.inheritance != VM_INHERIT_SHARE:
+                    raise KernInvalidArgument(
+                        f"entry at {entry.start:#x} is inherited by copy, which this kernel does not support yet; "
+                        "set VM_INHERIT_SHARE or VM_INHERIT_NONE with vm_inherit",
+                        address=entry.start,
+                    )
+            for entry in parent.map:
+                if entry.inheritance == VM_INHERIT_SHARE:
+                    self.objects.reference(entry.object)
+                    entry.is_shared = True
+                    task.map.insert(dataclasses.replace(entry))
+        self.tasks.add(task)
+        return task
+
+    def vm_set_default_memory_manager(self, default_manager: SendRight | None) -> SendRight | None:
+        """Set the port temporary objects are delivered to; returns the old one.  A null port
+        only reads it."""
+        old = self.default_memory_manager
+        if default_manager is not None:
+            self.default_memory_manager = default_manager
+        return old
+
+    def page_alloc(self, object: VMObject, offset: int) -> Page:
+        """A frame for `object` at `offset`, paging something out first when memory is full;
+        KernResourceShortage when no frame can be freed now."""
+        make_room(self)
+        page = Page(object, offset)
+        object.pages[offset] = page
+        self.resident.insert(page)
+        return page
+
+    async def vm_page_wait(self, shortage: KernResourceShortage) -> None:
+        """Wait for a frame after page_alloc failed (VM_PAGE_WAIT); the fault then restarts.
+
+        Frames busy being paged in become reclaimable when their data arrives; a memory full of
+        pages that can never be paged out will not change, so `shortage` is raised instead."""
+        if not self.resident.any_absent():
+            raise shortage
+        await self.resident.wait_for_change()
+
+    def shutdown(self) -> None:
+        """An orderly halt: every task goes (returning dirty data), then cached objects."""
+        if not self.running:
+            return
+        self.running = False
+        for task in list(self.tasks):
+            task.terminate()
+        self.objects.shutdown()
+        self.notify_port.destroy()
+
+
+@asynccontextmanager
+async def boot(name: str, page_size: int = MIN_PAGE_SIZE, memory_pages: int = 1024, *, cluster_pages: int = 1) -> AsyncIterator[Kernel]:
+    """Run a kernel for the duration of the block; it shuts down in order at the end."""
+    kernel = Kernel(name, page_size, memory_pages, cluster_pages=cluster_pages)
+    async with trio.open_nursery() as nursery:
+        kernel.nursery = nursery  # the home of the kernel's daemons
+        try:
+            yield kernel
+        finally:
+            kernel.shutdown()
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,243 @@
+"""Tasks: an address map, the vm_* calls on it, and simulated memory access.
+
+`await task.read(address, n)` and `await task.write(address, data)` stand for the task's threads
+touching memory: any byte range, across pages and map entries, each page faulted in as it is
+touched.  The vm_* calls only change the map (as in Mach they do not talk to managers); they
+are plain methods.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .interface import (
+    VM_INHERIT_COPY,
+    VM_INHERIT_DEFAULT,
+    VM_INHERIT_NONE,
+    VM_INHERIT_SHARE,
+    VM_PROT_ALL,
+    VM_PROT_DEFAULT,
+    VM_PROT_READ,
+    VM_PROT_WRITE,
+    KernInvalidAddress,
+    KernInvalidArgument,
+    KernNoSpace,
+    KernProtectionFailure,
+)
+from .ipc_port import SendRight
+from .vm_fault import vm_fault
+from .vm_map import MapEntry, VMMap
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
+
+_task_ids = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    """What vm_region tells of one map entry."""
+
+    address: int
+    size: int
+    protection: int
+    max_protection: int
+    inheritance: int
+    shared: bool
+    name: SendRight
+    """A send right to the object's name port: the port memory_object_init named it by."""
+    offset: int
+
+
+class Task:
+    def __init__(self, kernel: Kernel, name: str | None = None) -> None:
+        self.kernel = kernel
+        self.id = next(_task_ids)
+        self.name = name or f"task{self.id}"
+        self.map = VMMap(kernel)
+        self.alive = True
+
+    def __repr__(self) -> str:
+        return f"<task {self.name} on {self.kernel.name}>"
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _round(self, size: int) -> int:
+        page_size = self.kernel.page_size
+        return -(-size // page_size) * page_size
+
+    def _range(self, address: int, size: int) -> tuple[int, int]:
+        page_size = self.kernel.page_size
+        if size < 0 or address < 0:
+            raise KernInvalidArgument(f"negative address or size ({address:#x}, {size})", address=address, size=size)
+        start = address & ~(page_size - 1)
+        return start, self._round(address + size)
+
+    def _place(self, size: int, address: int | None, anywhere: bool, mask: int) -> int:
+        if size <= 0:
+            raise KernInvalidArgument(f"size {size} must be positive", size=size)
+        if anywhere or address is None:
+            return self.map.find_space(size, mask)
+        if address % self.kernel.page_size:
+            raise KernInvalidArgument(f"address {address:#x} is not page aligned", address=address)
+        if not self.map.is_free(address, address + size):
+            raise KernNoSpace(address, size, "range already in use")
+        return address
+
+    def _check_prot(self, protection: int, max_protection: int) -> None:
+        if protection & ~VM_PROT_ALL or max_protection & ~VM_PROT_ALL:
+            raise KernInvalidArgument(f"bad protection {protection:#x}/{max_protection:#x}")
+        if protection & ~max_protection:
+            raise KernInvalidArgument(
+                f"protection {protection:#x} exceeds max protection {max_protection:#x}",
+                protection=protection,
+                max_protection=max_protection,
+            )
+
+    def _mapped(self, start: int, end: int) -> list[MapEntry]:
+        """The entries of [start, end), clipped, which must cover it with no hole."""
+        entries = self.map.clip(start, end)
+        cursor = start
+        for entry in entries:
+            if entry.start != cursor:
+                break
+            cursor = entry.end
+        if cursor < end:
+            raise KernInvalidAddress(cursor, "range not wholly mapped")
+        return entries
+
+    # -- vm_* calls --------------------------------------------------------------------------
+
+    def vm_allocate(self, size: int, address: int | None = None, anywhere: bool = True) -> int:
+        """Zero-filled anonymous memory; returns its address."""
+        size = self._round(size)
+        start = self._place(size, address, anywhere, 0)
+        object = self.kernel.objects.allocate_internal(size)
+        self.kernel.objects.reference(object)
+        self.map.insert(MapEntry(start, start + size, object, 0, VM_PROT_DEFAULT, VM_PROT_ALL, VM_INHERIT_DEFAULT))
+        return start
+
+    def vm_map(
+        self,
+        memory_object: SendRight | None,
+        size: int,
+        offset: int = 0,
+        *,
+        address: int | None = None,
+        anywhere: bool = True,
+        mask: int = 0,
+        copy: bool = False,
+        protection: int = VM_PROT_DEFAULT,
+        max_protection: int = VM_PROT_ALL,
+        inheritance: int = VM_INHERIT_DEFAULT,
+    ) -> int:
+        """Map `size` bytes of `memory_object` from `offset`; returns the address.
+
+        The kernel keeps its own send right to the object; a null object is anonymous memory.
+        """
+        self._check_prot(protection, max_protection)
+        if inheritance not in (VM_INHERIT_SHARE, VM_INHERIT_COPY, VM_INHERIT_NONE):
+            raise KernInvalidArgument(f"bad inheritance {inheritance}", inheritance=inheritance)
+        if offset < 0 or offset % self.kernel.page_size:
+            raise KernInvalidArgument(
+                f"offset {offset:#x} is not a multiple of the page size {self.kernel.page_size}", offset=offset
+            )
+        if copy:
+            raise KernInvalidArgument("vm_map with copy=True is not supported by this kernel yet")
+        size = self._round(size)
+        start = self._place(size, address, anywhere, mask)
+        if memory_object is None:
+            object = self.kernel.objects.allocate_internal(size)
+        else:
+            if memory_object.dead:
+                raise KernInvalidArgument(f"memory object port {memory_object.name} is dead")
+            object = self.kernel.objects.enter(memory_object)
+        self.kernel.objects.reference(object)
+        self.map.insert(MapEntry(start, start + size, object, offset, protection, max_protection, inheritance))
+        return start
+
+    def vm_deallocate(self, address: int, size: int) -> None:
+        """Unmap the range (holes are fine); the last mapping of an object terminates it."""
+        start, end = self._range(address, size)
+        for entry in self.map.remove(start, end):
+            self.kernel.objects.deallocate(entry.object)
+
+    def vm_protect(self, address: int, size: int, set_maximum: bool, new_protection: int) -> None:
+        if new_protection & ~VM_PROT_ALL:
+            raise KernInvalidArgument(f"bad protection {new_protection:#x}")
+        start, end = self._range(address, size)
+        entries = self._mapped(start, end)
+        if not set_maximum:
+            for entry in entries:
+                if new_protection & ~entry.max_protection:
+                    raise KernProtectionFailure(entry.start, new_protection, entry.max_protection)
+        for entry in entries:
+            if set_maximum:
+                entry.max_protection = new_protection
+                entry.protection &= new_protection
+            else:
+                entry.protection = new_protection
+
+    def vm_inherit(self, address: int, size: int, new_inheritance: int) -> None:
+        if new_inheritance not in (VM_INHERIT_SHARE, VM_INHERIT_COPY, VM_INHERIT_NONE):
+            raise KernInvalidArgument(f"bad inheritance {new_inheritance}", inheritance=new_inheritance)
+        start, end = self._range(address, size)
+        for entry in self._mapped(start, end):
+            entry.inheritance = new_inheritance
+
+    def vm_region(self, address: int) -> Region:
+        """The entry at `address` or, if none, the next one above; KernNoSpace past the last."""
+        entry = self.map.next_entry(address)
+        if entry is None:
+            raise KernNoSpace(address, 0, "no region at or above this address")
+        return Region(
+            address=entry.start,
+            size=entry.size,
+            protection=entry.protection,
+            max_protection=entry.max_protection,
+            inheritance=entry.inheritance,
+            shared=entry.is_shared,
+            name=entry.object.name_port.make_send(),
+            offset=entry.offset,
+        )
+
+    # -- memory access -----------------------------------------------------------------------
+
+    async def read(self, address: int, n: int) -> bytes:
+        """The `n` bytes at `address`, faulting in each page."""
+        if n < 0:
+            raise KernInvalidArgument(f"negative length {n}")
+        page_size = self.kernel.page_size
+        out = bytearray(n)
+        done = 0
+        while done < n:
+            at = address + done
+            page = await vm_fault(self.map, at, VM_PROT_READ)
+            within = at & (page_size - 1)
+            chunk = min(page_size - within, n - done)
+            out[done : done + chunk] = page.data[within : within + chunk]  # type: ignore[index]
+            done += chunk
+        return bytes(out)
+
+    async def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
+        """Store `data` at `address`, faulting in each page for writing."""
+        page_size = self.kernel.page_size
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            at = address + done
+            page = await vm_fault(self.map, at, VM_PROT_WRITE)
+            within = at & (page_size - 1)
+            chunk = min(page_size - within, len(view) - done)
+            page.data[within : within + chunk] = view[done : done + chunk]  # type: ignore[index]
+            done += chunk
+
+    def terminate(self) -> None:
+        """task_terminate: the whole address space goes."""
+        if self.alive:
+            self.alive = False
+            for entry in self.map.remove(0, self.map.entries[-1].end if self.map.entries else 0):
+                self.kernel.objects.deallocate(entry.object)
+            self.kernel.tasks.discard(self)

@@ -1,0 +1,127 @@
+"""Resident pages and the kernel's bounded physical memory (GNU Mach's vm_page.h, vm_resident.c).
+
+A page frame belongs to one VM object at one offset.  While the manager has not answered a
+request for it, it is `absent` (busy, no data yet); faults that want it wait on it.  A manager
+may lock it against some accesses (`page_lock`), mark it `precious`, or fail it (`error`).
+The kernel's memory is a fixed number of frames; `ResidentMemory` hands them out and keeps them
+in least-recently-used order for the pageout code to choose from.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+import trio
+
+from .interface import VM_PROT_NONE
+
+if TYPE_CHECKING:
+    from .vm_object import VMObject
+
+
+class Page:
+    __slots__ = (
+        "object",
+        "offset",
+        "data",
+        "absent",
+        "error",
+        "dirty",
+        "precious",
+        "page_lock",
+        "unlock_request",
+        "_waiters",
+    )
+
+    def __init__(self, object: VMObject, offset: int) -> None:
+        self.object = object
+        self.offset = offset
+        self.data: bytearray | None = None
+        self.absent = False
+        self.error: int | None = None
+        self.dirty = False
+        self.precious = False
+        self.page_lock = VM_PROT_NONE
+        self.unlock_request = VM_PROT_NONE
+        self._waiters: trio.Event | None = None
+
+    def __repr__(self) -> str:
+        flags = "".join(
+            flag
+            for flag, on in (("A", self.absent), ("D", self.dirty), ("P", self.precious), ("E", self.error is not None))
+            if on
+        )
+        return f"<page {self.offset:#x} of {self.object!r} {flags} lock={self.page_lock}>"
+
+    async def wait(self) -> None:
+        """Sleep until the page changes state (PAGE_ASSERT_WAIT)."""
+        if self._waiters is None:
+            self._waiters = trio.Event()
+        await self._waiters.wait()
+
+    def wakeup(self) -> None:
+        """Wake every fault waiting on this page (PAGE_WAKEUP_DONE)."""
+        if self._waiters is not None:
+            self._waiters.set()
+            self._waiters = None
+
+    def fill(self, data: bytes | bytearray | memoryview, lock_value: int, precious: bool) -> None:
+        self.data = bytearray(data)
+        self.absent = False
+        self.dirty = False
+        self.precious = precious
+        self.page_lock = lock_value
+        self.unlock_request = VM_PROT_NONE
+        self.wakeup()
+        self.object.kernel.resident.changed()
+
+
+class ResidentMemory:
+    """The kernel's page frames: at most `limit` pages resident at once, in LRU order."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lru: OrderedDict[Page, None] = OrderedDict()
+        self.high_water = 0
+        self._waiting = trio.lowlevel.ParkingLot()
+
+    @property
+    def count(self) -> int:
+        return len(self._lru)
+
+    @property
+    def free(self) -> int:
+        return self.limit - len(self._lru)
+
+    def insert(self, page: Page) -> None:
+        if len(self._lru) >= self.limit:
+            raise AssertionError("page inserted beyond the memory limit; pageout must make room first")
+        self._lru[page] = None
+        if len(self._lru) > self.high_water:
+            self.high_water = len(self._lru)
+
+    def remove(self, page: Page) -> None:
+        if page in self._lru:
+            del self._lru[page]
+            self.changed()
+
+    def changed(self) -> None:
+        """A frame was freed or became reclaimable: faults waiting for memory retry."""
+        if self._waiting:
+            self._waiting.unpark_all()
+
+    async def wait_for_change(self) -> None:
+        await self._waiting.park()
+
+    def any_absent(self) -> bool:
+        return any(page.absent for page in self._lru)
+
+    def touch(self, page: Page) -> None:
+        if page in self._lru:
+            self._lru.move_to_end(page)
+
+    def oldest(self, n: int) -> list[Page]:
+        """Up to `n` pages, least recently used first."""
+        return list(itertools.islice(self._lru, n))
