@@ -19,3 +19,24 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 @pytest.fixture
 def root() -> Path:
     return ROOT
+
+
+def pytest_sessionstart(session):
+    """A test run that was killed can leave its FUSE mounts behind; clear them so they never
+    break this run."""
+    import subprocess
+
+    with open("/proc/mounts") as mounts:
+        stale = [line.split()[1] for line in mounts if line.split()[0] == "fusepager" and "/pytest-of-" in line.split()[1]]
+    for point in stale:
+        subprocess.run(["fusermount3", "-u", "-z", point.encode().decode("unicode_escape")], capture_output=True)
+
+
+@pytest.fixture
+def mounted(tmp_path):
+    """A real mount of a new store, with kernels k1 (4 KiB pages) and k2 (16 KiB) in the daemon;
+    unmounted and its daemon ended whatever happens."""
+    from fusepager.session import MountSession
+
+    with MountSession(tmp_path / "store", tmp_path / "mnt", ["k1:4096:256", "k2:16384:64"]) as session:
+        yield session

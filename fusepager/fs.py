@@ -1,0 +1,575 @@
+"""The mount: the memory manager's state as files (pyfuse3).
+
+    MNT/
+      objects/NAME/            mkdir creates an object, rmdir removes one no kernel maps
+        data                   its bytes (read, write, truncate, mmap)
+        ctl                    commands: sync | flush [OFF LEN] | clean [OFF LEN] | lock OFF LEN PROT
+                               | destroy [REASON] | attributes may_cache=.. copy=..
+        kernels/KERNEL/        appears at memory_object_init from KERNEL, goes at terminate
+          page_size control name pages
+          ready                there once memory_object_ready was sent; with auto_ready=0 the
+                               shell sends it: echo 'may_cache=0 copy=call' > ready
+        snapshots/             preserved copies ([4/8])
+      trace                    the live message log: tail -f it
+      stats                    counters
+
+Extended attributes `user.mach.*` on object and kernel directories show (and, where settable,
+change) the attributes.  Every refusal answers an errno and writes a line to `trace`.
+
+All handlers run in the mount's trio loop beside the pagers and any in-process kernels, so they
+call the engine directly; nothing here blocks.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyfuse3
+import trio
+
+from kernelsim.interface import COPY_STRATEGY_NAMES
+
+from . import control
+from .control import ControlError
+from .manager import FileManager, display_name
+from .pager import KernelRecord, Pager
+from .store import StoreError, validate_name
+
+log = logging.getLogger("fusepager.fs")
+
+ROOT = pyfuse3.ROOT_INODE
+DATA_TIMEOUT = 1.0
+"""Seconds the kernel may cache a `data` file's attributes: a zero timeout would cost a GETATTR
+before every read."""
+
+KERNEL_FILES = ("page_size", "control", "name", "ready", "pages")
+OBJECT_FILES = ("data", "ctl", "kernels", "snapshots")
+CTL_HELP = f"""\
+commands, one a line (echo 'sync' > ctl):
+  {control.CTL_USAGE.replace(' | ', chr(10) + '  ')}
+OFF and LEN: bytes, decimal or 0x hex, K/M/G suffixes.  PROT: accesses to forbid (r, w, x) or none.
+"""
+OBJECT_XATTRS = (b"user.mach.copy_strategy", b"user.mach.may_cache", b"user.mach.auto_ready", b"user.mach.size", b"user.mach.kernels", b"user.mach.page_size")
+KERNEL_XATTRS = (b"user.mach.page_size", b"user.mach.control", b"user.mach.name", b"user.mach.ready", b"user.mach.may_cache", b"user.mach.copy_strategy")
+ROOT_XATTRS = (b"user.fusepager.pid", b"user.fusepager.store")
+
+
+@dataclass(frozen=True)
+class Node:
+    """What an inode stands for; the same node always gets the same inode in one mount."""
+
+    kind: str  # root objects trace stats object data ctl kernels snapshots kernel kfile
+    object: bytes = b""
+    kernel: str = ""
+    file: str = ""
+
+
+@dataclass
+class Handle:
+    node: Node
+    writable: bool
+    content: bytes | None = None  # a snapshot of a small generated file, taken at open
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class PagerFS(pyfuse3.Operations):
+    enable_writeback_cache = False
+
+    def __init__(self, manager: FileManager) -> None:
+        super().__init__()
+        self.manager = manager
+        self.trace = manager.trace
+        self.mounted_at = time.time_ns()
+        self._inodes: dict[Node, int] = {Node("root"): ROOT}
+        self._nodes: dict[int, Node] = {ROOT: Node("root")}
+        self._next_inode = ROOT + 1
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self._pending_ready: set[Node] = set()
+
+    # -- nodes -------------------------------------------------------------------------------
+
+    def _inode(self, node: Node) -> int:
+        inode = self._inodes.get(node)
+        if inode is None:
+            inode = self._inodes[node] = self._next_inode
+            self._nodes[inode] = node
+            self._next_inode += 1
+        return inode
+
+    def _node(self, inode: int) -> Node:
+        node = self._nodes.get(inode)
+        if node is None or not self._exists(node):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _pager(self, node: Node) -> Pager | None:
+        return self.manager.active(node.object)
+
+    def _record(self, node: Node) -> KernelRecord | None:
+        pager = self._pager(node)
+        if pager is None:
+            return None
+        for record in pager.kernels.values():
+            if record.label == node.kernel:
+                return record
+        return None
+
+    def _exists(self, node: Node) -> bool:
+        if node.kind in ("root", "objects", "trace", "stats"):
+            return True
+        if not self.manager.store.exists(node.object):
+            return False
+        if node.kind in ("kernel", "kfile"):
+            record = self._record(node)
+            if record is None:
+                return False
+            if node.kind == "kfile" and node.file == "ready":
+                return record.ready or node in self._pending_ready
+        return True
+
+    def _children(self, node: Node) -> list[tuple[bytes, Node]]:
+        if node.kind == "root":
+            return [(b"objects", Node("objects")), (b"trace", Node("trace")), (b"stats", Node("stats"))]
+        if node.kind == "objects":
+            return [(name, Node("object", name)) for name in self.manager.store.names()]
+        if node.kind == "object":
+            return [(file.encode(), Node(file, node.object)) for file in OBJECT_FILES]
+        if node.kind == "kernels":
+            pager = self._pager(node)
+            labels = sorted(r.label for r in pager.kernels.values()) if pager else []
+            return [(label.encode(), Node("kernel", node.object, label)) for label in labels]
+        if node.kind == "kernel":
+            children = [Node("kfile", node.object, node.kernel, file) for file in KERNEL_FILES]
+            return [(child.file.encode(), child) for child in children if self._exists(child)]
+        if node.kind == "snapshots":
+            return []
+        raise pyfuse3.FUSEError(errno.ENOTDIR)
+
+    def _child(self, parent: Node, name: bytes) -> Node:
+        if name == b".":
+            return parent
+        for child_name, child in self._children(parent):
+            if child_name == name:
+                return child
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    def _refuse(self, code: int, why: str) -> pyfuse3.FUSEError:
+        """The errno to answer, after a line in trace saying why."""
+        self.manager.stats.refused += 1
+        self.trace.line(f"mount refused ({errno.errorcode.get(code, code)}): {why}")
+        return pyfuse3.FUSEError(code)
+
+    # -- attributes --------------------------------------------------------------------------
+
+    def _attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = self._inode(node)
+        entry.generation = 0
+        entry.entry_timeout = 0
+        entry.attr_timeout = 0
+        entry.st_uid = os.getuid()
+        entry.st_gid = os.getgid()
+        entry.st_blksize = 4096
+        stamp = self.mounted_at
+        if node.kind in ("root", "objects", "object", "kernels", "snapshots", "kernel"):
+            entry.st_mode = stat.S_IFDIR | 0o755
+            entry.st_nlink = 2
+            entry.st_size = 0
+        else:
+            entry.st_nlink = 1
+            entry.st_mode = stat.S_IFREG | (0o644 if node.kind in ("data", "ctl") or node.file == "ready" else 0o444)
+            entry.st_size = self._size(node)
+            if node.kind == "data":
+                entry.entry_timeout = DATA_TIMEOUT
+                entry.attr_timeout = DATA_TIMEOUT
+                info = os.stat(self.manager.store.open(node.object).data_path)
+                stamp = info.st_mtime_ns
+                entry.st_blocks = info.st_blocks
+        entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = stamp
+        return entry
+
+    def _size(self, node: Node) -> int:
+        if node.kind == "data":
+            return self.manager.store.open(node.object).size
+        if node.kind == "trace":
+            return self.trace.end
+        return len(self._content(node))
+
+    def _content(self, node: Node) -> bytes:
+        """The text of a generated file."""
+        if node.kind == "stats":
+            return self._stats().encode()
+        if node.kind == "ctl":
+            return CTL_HELP.encode()
+        if node.kind == "kfile":
+            record = self._record(node)
+            if record is None:
+                return b""
+            text = {
+                "page_size": f"{record.page_size}\n",
+                "control": f"{record.control.name}\n",
+                "name": f"{record.name.name}\n",
+                "ready": record.ready_line() if record.ready else "",
+                "pages": record.pagemap.render(),
+            }[node.file]
+            return text.encode()
+        return b""
+
+    def _stats(self) -> str:
+        pagers = self.manager.pagers.values()
+        extra = {
+            "objects": len(self.manager.store.names()),
+            "active_pagers": len(self.manager.pagers),
+            "kernels": sum(len(p.kernels) for p in pagers),
+        }
+        return self.manager.stats.render(extra)
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        return self._attributes(self._node(inode))
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        if name == b"..":
+            return self._attributes(self._parent(parent))
+        return self._attributes(self._child(parent, name))
+
+    def _parent(self, node: Node) -> Node:
+        return {
+            "root": Node("root"),
+            "objects": Node("root"),
+            "trace": Node("root"),
+            "stats": Node("root"),
+            "object": Node("objects"),
+            "kernel": Node("kernels", node.object),
+            "kfile": Node("kernel", node.object, node.kernel),
+        }.get(node.kind, Node("object", node.object))
+
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            raise self._refuse(errno.EPERM, f"chmod/chown of {self._path(node)}")
+        if fields.update_size:
+            if node.kind == "data":
+                await self._truncate(node, attr.st_size)
+            elif node.kind in ("ctl", "kfile") and node.file in ("", "ready") and attr.st_size == 0:
+                pass  # `echo cmd > ctl` truncates first: nothing to truncate
+            else:
+                raise self._refuse(errno.EROFS, f"truncate of {self._path(node)}")
+        return self._attributes(node)
+
+    async def _truncate(self, node: Node, size: int) -> None:
+        stored = self.manager.store.open(node.object)
+        pager = self._pager(node)
+        old = stored.size
+        if pager is not None:
+            low = min(old, size)
+            async with pager.sequencer.reserve(low, max(old, size) - low + 1, exclusive=True):
+                self._store_call(stored.truncate, size)
+        else:
+            self._store_call(stored.truncate, size)
+        self.trace.line(f"mount truncated {display_name(node.object)} from {old} to {size} bytes")
+
+    def _store_call(self, function, *args):
+        try:
+            return function(*args)
+        except (StoreError, OSError) as error:
+            raise self._refuse(error.errno or errno.EIO, str(error)) from None
+
+    def _path(self, node: Node) -> str:
+        parts = {
+            "root": "/",
+            "objects": "/objects",
+            "trace": "/trace",
+            "stats": "/stats",
+            "object": f"/objects/{display_name(node.object)}",
+        }
+        if node.kind in parts:
+            return parts[node.kind]
+        base = f"/objects/{display_name(node.object)}"
+        if node.kind == "kernel":
+            return f"{base}/kernels/{node.kernel}"
+        if node.kind == "kfile":
+            return f"{base}/kernels/{node.kernel}/{node.file}"
+        return f"{base}/{node.kind}"
+
+    # -- directories -------------------------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._node(inode)
+        self._children(node)  # ENOTDIR for files
+        return self._new_handle(Handle(node, writable=False))
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        node = self._handles[fh].node
+        if not self._exists(node):
+            return
+        children = self._children(node)
+        for index in range(start_id, len(children)):
+            name, child = children[index]
+            if not pyfuse3.readdir_reply(token, name, self._attributes(child), index + 1):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        if parent.kind != "objects":
+            raise self._refuse(errno.EROFS, f"mkdir {display_name(name)} in {self._path(parent)}: objects are made in /objects")
+        try:
+            validate_name(name)
+            self.manager.create(name)
+        except StoreError as error:
+            raise self._refuse(error.errno, str(error)) from None
+        return self._attributes(Node("object", name))
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._node(parent_inode)
+        if parent.kind != "objects":
+            raise self._refuse(errno.EROFS, f"rmdir {display_name(name)} in {self._path(parent)}")
+        try:
+            self.manager.remove(name)
+        except StoreError as error:
+            raise self._refuse(error.errno, str(error)) from None
+        pyfuse3.invalidate_entry_async(parent_inode, name, ignore_enoent=True)
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._node(parent_inode)
+        raise self._refuse(errno.EROFS, f"unlink {display_name(name)} in {self._path(parent)}")
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx) -> None:
+        raise self._refuse(errno.EROFS, f"rename of {display_name(name_old)}")
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        raise self._refuse(errno.EROFS, f"mknod {display_name(name)}")
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        raise self._refuse(errno.EROFS, f"symlink {display_name(name)}")
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        raise self._refuse(errno.EROFS, f"link {display_name(new_name)}")
+
+    # -- files -------------------------------------------------------------------------------
+
+    def _new_handle(self, handle: Handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = handle
+        return fh
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        writable = (flags & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
+        if node.kind in ("root", "objects", "object", "kernels", "snapshots", "kernel"):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if writable and not (node.kind in ("data", "ctl") or node.file == "ready"):
+            raise self._refuse(errno.EROFS, f"{self._path(node)} is read-only")
+        if writable and node.file == "ready":
+            raise self._refuse(errno.EBUSY, f"{self._path(node)}: memory_object_ready was already sent")
+        if node.kind == "data":
+            return pyfuse3.FileInfo(fh=self._new_handle(Handle(node, writable)))
+        content = None if node.kind == "trace" or writable else self._content(node)
+        return pyfuse3.FileInfo(fh=self._new_handle(Handle(node, writable, content)), direct_io=True)
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext):
+        parent = self._node(parent_inode)
+        if parent.kind != "kernel" or name != b"ready":
+            raise self._refuse(errno.EROFS, f"create {display_name(name)} in {self._path(parent)}")
+        node = Node("kfile", parent.object, parent.kernel, "ready")
+        if self._exists(node):
+            raise self._refuse(errno.EBUSY, f"{self._path(node)}: memory_object_ready was already sent")
+        self._pending_ready.add(node)
+        fh = self._new_handle(Handle(node, writable=True))
+        return pyfuse3.FileInfo(fh=fh, direct_io=True), self._attributes(node)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._handles[fh]
+        node = handle.node
+        if node.kind == "data":
+            stored = self.manager.store.open(node.object)
+            pager = self._pager(node)
+            if pager is None:
+                return self._store_call(stored.read, off, size)
+            async with pager.sequencer.reserve(off, size, exclusive=False):
+                return self._store_call(stored.read, off, size)
+        if node.kind == "trace":
+            return self.trace.read(off, size)
+        content = handle.content or b""
+        return content[off : off + size]
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._handles[fh]
+        node = handle.node
+        if not handle.writable:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if node.kind == "data":
+            stored = self.manager.store.open(node.object)
+            pager = self._pager(node)
+            if pager is None:
+                return self._store_call(stored.write, off, buf)
+            async with pager.sequencer.reserve(off, len(buf), exclusive=True):
+                return self._store_call(stored.write, off, buf)
+        text = self._text(buf, node)
+        if node.kind == "ctl":
+            for line in text.splitlines() or [""]:
+                if line.strip() or len(text.splitlines()) <= 1:
+                    await self._control(node, line)
+            return len(buf)
+        if node.file == "ready":
+            await self._ready(node, text)
+            return len(buf)
+        raise pyfuse3.FUSEError(errno.EBADF)
+
+    def _text(self, buf: bytes, node: Node) -> str:
+        try:
+            return buf.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self._refuse(errno.EINVAL, f"{self._path(node)}: not UTF-8 text") from None
+
+    async def _control(self, node: Node, line: str) -> None:
+        name = node.object
+        try:
+            command = control.parse_ctl(line)
+        except ControlError as error:
+            raise self._refuse(errno.EINVAL, f"{self._path(node)}: {error}") from None
+        self.trace.line(f"mount ctl {display_name(name)}: {line.strip()}")
+        pager = self.manager.pager(name)
+        if isinstance(command, control.Sync):
+            await pager.sync()
+            self._store_call(self.manager.store.open(name).sync)
+        elif isinstance(command, control.Flush):
+            await pager.flush(command.offset, command.length)
+        elif isinstance(command, control.Clean):
+            await pager.sync(command.offset, command.length)
+        elif isinstance(command, control.Lock):
+            await pager.lock(command.offset, command.length, command.lock_value)
+        elif isinstance(command, control.Destroy):
+            pager.destroy(command.reason)
+        elif isinstance(command, control.Attributes):
+            await self.manager.set_attributes(name, command.may_cache, command.copy_strategy)
+
+    async def _ready(self, node: Node, text: str) -> None:
+        record = self._record(node)
+        pager = self._pager(node)
+        if record is None or pager is None:
+            raise self._refuse(errno.ENOENT, f"{self._path(node)}: the kernel is gone")
+        if record.ready:
+            raise self._refuse(errno.EBUSY, f"{self._path(node)}: memory_object_ready was already sent")
+        try:
+            attributes = control.parse_ready(text)
+        except ControlError as error:
+            raise self._refuse(errno.EINVAL, f"{self._path(node)}: {error}") from None
+        may_cache = pager.may_cache if attributes.may_cache is None else attributes.may_cache
+        copy_strategy = pager.copy_strategy if attributes.copy_strategy is None else attributes.copy_strategy
+        self.trace.line(f"mount ready {display_name(node.object)} for {record.label}: {text.strip()}")
+        pager.ready(record, may_cache, copy_strategy)
+
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is not None:
+            self._pending_ready.discard(handle.node)
+
+    async def flush(self, fh: int) -> None:
+        pass
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self._handles.get(fh)
+        if handle is not None and handle.node.kind == "data":
+            self._store_call(self.manager.store.open(handle.node.object).sync)
+
+    # -- extended attributes -----------------------------------------------------------------
+
+    def _xattr_names(self, node: Node) -> tuple[bytes, ...]:
+        return {"object": OBJECT_XATTRS, "kernel": KERNEL_XATTRS, "root": ROOT_XATTRS}.get(node.kind, ())
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return list(self._xattr_names(self._node(inode)))
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._node(inode)
+        if name not in self._xattr_names(node):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        key = name.decode().rsplit(".", 1)[1]
+        if node.kind == "root":
+            return {"pid": str(os.getpid()), "store": os.fsdecode(self.manager.store.root)}[key].encode()
+        if node.kind == "kernel":
+            record = self._record(node)
+            assert record is not None
+            return {
+                "page_size": str(record.page_size),
+                "control": str(record.control.name),
+                "name": str(record.name.name),
+                "ready": str(int(record.ready)),
+                "may_cache": str(int(record.may_cache)),
+                "copy_strategy": COPY_STRATEGY_NAMES[record.copy_strategy],
+            }[key].encode()
+        stored = self.manager.store.open(node.object)
+        meta = stored.meta
+        pager = self._pager(node)
+        records = list(pager.kernels.values()) if pager else []
+        return {
+            "copy_strategy": meta.copy_strategy,
+            "may_cache": str(int(meta.may_cache)),
+            "auto_ready": str(int(meta.auto_ready)),
+            "size": str(stored.size),
+            "kernels": " ".join(sorted(r.label for r in records)),
+            "page_size": " ".join(str(s) for s in sorted({r.page_size for r in records})),
+        }[key].encode()
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node = self._node(inode)
+        where = f"{self._path(node)} {name.decode(errors='replace')}"
+        if not name.startswith(b"user.mach."):
+            raise self._refuse(errno.ENOTSUP, f"setxattr {where}: only user.mach.* attributes exist here")
+        if node.kind != "object" or name not in (b"user.mach.copy_strategy", b"user.mach.may_cache", b"user.mach.auto_ready"):
+            if name in self._xattr_names(node):
+                raise self._refuse(errno.EROFS, f"setxattr {where}: read-only attribute")
+            raise self._refuse(errno.EINVAL, f"setxattr {where}: no such attribute")
+        text = value.decode("utf-8", "replace").strip()
+        try:
+            if name == b"user.mach.copy_strategy":
+                await self.manager.set_attributes(node.object, None, control.parse_copy(text))
+            elif name == b"user.mach.may_cache":
+                await self.manager.set_attributes(node.object, control.parse_bool(text, "may_cache"), None)
+            else:
+                self.manager.set_auto_ready(node.object, control.parse_bool(text, "auto_ready"))
+        except ControlError as error:
+            raise self._refuse(errno.EINVAL, f"setxattr {where}: {error}") from None
+        self.trace.line(f"mount set {name.decode()}={text} on {display_name(node.object)}")
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node = self._node(inode)
+        if name in self._xattr_names(node):
+            raise self._refuse(errno.EROFS, f"removexattr {self._path(node)} {name.decode(errors='replace')}")
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    # -- the rest ----------------------------------------------------------------------------
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        backing = os.statvfs(self.manager.store.root)
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = backing.f_bsize
+        data.f_frsize = backing.f_frsize
+        data.f_blocks = backing.f_blocks
+        data.f_bfree = backing.f_bfree
+        data.f_bavail = backing.f_bavail
+        data.f_files = backing.f_files
+        data.f_ffree = backing.f_ffree
+        data.f_favail = backing.f_favail
+        data.f_namemax = 255
+        return data
+
+    async def forget(self, inode_list) -> None:
+        pass  # inodes stay put for the mount's life: a node is a few dozen bytes
+
+
+async def sleep_until_unmounted() -> None:
+    """Placeholder for symmetry with pyfuse3.main in tests."""
+    await trio.sleep_forever()

@@ -1,0 +1,141 @@
+"""The memory manager behind a mount: one pager per object of a FileStore.
+
+`FileManager` starts a `Pager` for an object the first time something needs it (a kernel looks
+it up by name, the mount shows its kernels) and keeps it for as long as the object exists.  The
+pagers' callbacks (`StoreCallbacks`) read and write the object's sparse data file.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+import trio
+
+from kernelsim.interface import KERN_MEMORY_FAILURE
+from kernelsim.ipc_port import SendRight
+
+from .control import COPY_NAMES, COPY_STRATEGIES
+from .pager import Pager, PagerCallbacks, PagerError
+from .store import FileStore, ObjectMeta, StoredObject, StoreError
+from .trace import Stats, Trace
+
+log = logging.getLogger("fusepager.manager")
+
+
+class StoreCallbacks(PagerCallbacks):
+    """A pager's I/O on one object of the file store."""
+
+    def __init__(self, stored: StoredObject) -> None:
+        self.stored = stored
+
+    async def read_pages(self, offset: int, length: int) -> bytes | None:
+        try:
+            return self.stored.read_pages(offset, length)
+        except (OSError, StoreError) as error:
+            raise PagerError(f"reading {length} bytes at {offset:#x}: {os.strerror(error.errno)}", KERN_MEMORY_FAILURE) from error
+
+    async def write_pages(self, offset: int, data: bytes) -> None:
+        try:
+            self.stored.write(offset, data)
+        except (OSError, StoreError) as error:
+            raise PagerError(f"writing {len(data)} bytes at {offset:#x}: {os.strerror(error.errno)}", KERN_MEMORY_FAILURE) from error
+
+    async def report_extent(self) -> int:
+        return self.stored.size
+
+
+def display_name(name: bytes) -> str:
+    return os.fsdecode(name)
+
+
+class FileManager:
+    def __init__(self, store: FileStore, trace: Trace | None = None, stats: Stats | None = None) -> None:
+        self.store = store
+        self.trace = trace or Trace()
+        self.stats = stats or Stats()
+        self.pagers: dict[bytes, Pager] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Home of the pagers; runs until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def pager(self, name: bytes) -> Pager:
+        """The object's pager, started on first use; StoreError ENOENT if there is no object."""
+        pager = self.pagers.get(name)
+        if pager is not None:
+            return pager
+        stored = self.store.open(name)
+        meta = stored.meta
+        pager = Pager(
+            StoreCallbacks(stored),
+            name=display_name(name),
+            may_cache=meta.may_cache,
+            copy_strategy=COPY_STRATEGIES[meta.copy_strategy],
+            auto_ready=meta.auto_ready,
+            trace=self.trace,
+            stats=self.stats,
+        )
+        assert self._nursery is not None, "FileManager.run is not running"
+        self._nursery.start_soon(pager.serve)
+        self.pagers[name] = pager
+        return pager
+
+    def active(self, name: bytes) -> Pager | None:
+        """The object's pager if one runs (no pager means no kernel has used it)."""
+        return self.pagers.get(name)
+
+    async def resolve(self, name: str) -> SendRight:
+        """A send right to the memory object called `name`: how kernels find objects."""
+        try:
+            return self.pager(os.fsencode(name)).send_right()
+        except StoreError as error:
+            raise ValueError(f"no object {name!r}: {error}") from None
+
+    def create(self, name: bytes) -> None:
+        self.store.create(name, ObjectMeta())
+        self.trace.line(f"manager created object {display_name(name)}")
+
+    def remove(self, name: bytes) -> None:
+        """Remove an object no kernel maps; StoreError EBUSY if one does."""
+        pager = self.pagers.get(name)
+        if pager is not None and pager.kernels:
+            raise StoreError(errno.EBUSY, f"object {display_name(name)} is mapped by {', '.join(r.label for r in pager.kernels.values())}")
+        if pager is not None:
+            self.pagers.pop(name)
+            pager.port.destroy()
+        self.store.remove(name)
+        self.trace.line(f"manager removed object {display_name(name)}")
+
+    async def set_attributes(self, name: bytes, may_cache: bool | None, copy_strategy: int | None) -> None:
+        """New attributes: stored, and sent to every kernel (memory_object_change_attributes)."""
+        stored = self.store.open(name)
+        meta = stored.meta
+        may_cache = meta.may_cache if may_cache is None else may_cache
+        copy_name = meta.copy_strategy if copy_strategy is None else COPY_NAMES[copy_strategy]
+        stored.set_meta(may_cache=may_cache, copy_strategy=copy_name)
+        pager = self.pagers.get(name)
+        if pager is not None:
+            await pager.change_attributes(may_cache, COPY_STRATEGIES[copy_name])
+
+    def set_auto_ready(self, name: bytes, auto_ready: bool) -> None:
+        self.store.open(name).set_meta(auto_ready=auto_ready)
+        pager = self.pagers.get(name)
+        if pager is not None:
+            pager.auto_ready = auto_ready
+
+    async def idle(self) -> None:
+        """Until no pager has I/O in flight or messages waiting (used at shutdown)."""
+        while any(len(p.sequencer) or p.port.port.queued for p in self.pagers.values()):
+            await trio.sleep(0.01)
+
+    def close(self) -> None:
+        for pager in self.pagers.values():
+            pager.port.destroy()
+        self.pagers.clear()
+        self.store.close()

@@ -1,0 +1,227 @@
+"""Running a mount: the daemon's life from pyfuse3.init to a clean unmount.
+
+`serve()` mounts a FileStore, runs its pagers, optional in-process kernels and their console,
+and unmounts in order when the mount is unmounted (fusermount3 -u, `fusepager umount`) or the
+process gets SIGINT or SIGTERM: first the FUSE loop stops, then the kernels shut down (their
+dirty pages come back to the pagers and into the store), then the store is closed.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import subprocess
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+import kernelsim
+from kernelsim.console import Console, serve_stdin
+
+from .fs import PagerFS
+from .manager import FileManager
+from .store import FileStore, StoreError
+
+log = logging.getLogger("fusepager.mount")
+
+UNMOUNT_WAIT = 30.0
+
+
+class MountError(Exception):
+    """The mount cannot be made or unmade; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """An in-process kernel: NAME:PAGE_SIZE[:MEMORY_PAGES[:CLUSTER_PAGES]]."""
+
+    name: str
+    page_size: int
+    memory_pages: int = 1024
+    cluster_pages: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> KernelSpec:
+        parts = text.split(":")
+        if not 2 <= len(parts) <= 4 or not parts[0]:
+            raise ValueError(f"kernel {text!r}: use NAME:PAGE_SIZE[:MEMORY_PAGES[:CLUSTER_PAGES]], e.g. k1:4096:256")
+        try:
+            numbers = [int(part, 0) for part in parts[1:]]
+        except ValueError:
+            raise ValueError(f"kernel {text!r}: page size, memory and cluster must be numbers") from None
+        return cls(parts[0], *numbers)
+
+
+# -- the state of a mount point --------------------------------------------------------------
+
+
+def mount_entry(mountpoint: str | os.PathLike[str]) -> tuple[str, str] | None:
+    """(fstype, source) of what is mounted exactly at `mountpoint`, from /proc/mounts."""
+    target = os.path.abspath(mountpoint)
+    found = None
+    with open("/proc/mounts") as mounts:
+        for line in mounts:
+            source, point, fstype, *_ = line.split()
+            if point.encode().decode("unicode_escape") == target:
+                found = (fstype, source)
+    return found
+
+
+def mount_state(mountpoint: str | os.PathLike[str]) -> str:
+    """'free', 'mounted' (a live FUSE mount), 'stale' (its daemon is gone) or 'other'."""
+    entry = mount_entry(mountpoint)
+    if entry is None:
+        return "free"
+    if not entry[0].startswith("fuse"):
+        return "other"
+    try:
+        os.stat(mountpoint)
+    except OSError as error:
+        if error.errno == errno.ENOTCONN:
+            return "stale"
+        raise
+    return "mounted"
+
+
+def check_mountpoint(mountpoint: str) -> None:
+    state = mount_state(mountpoint) if os.path.lexists(mountpoint) or mount_entry(mountpoint) else "missing"
+    if state == "missing":
+        raise MountError(f"mount point {mountpoint} does not exist: mkdir -p {mountpoint}")
+    if state == "stale":
+        raise MountError(
+            f"{mountpoint} is a stale FUSE mount: the daemon that served it is gone.\n"
+            f"Clear it with:  fusepager umount {mountpoint}   (or: fusermount3 -u {mountpoint})"
+        )
+    if state in ("mounted", "other"):
+        raise MountError(f"{mountpoint} is already a mount point; unmount it first: fusepager umount {mountpoint}")
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"mount point {mountpoint} is not a directory")
+
+
+def unmount(mountpoint: str, *, wait: float = UNMOUNT_WAIT) -> str:
+    """Unmount a fusepager mount (live or stale) and wait for its daemon to finish; a message."""
+    state = mount_state(mountpoint)
+    if state == "free":
+        raise MountError(f"{mountpoint} is not mounted")
+    if state == "other":
+        raise MountError(f"{mountpoint} is not a FUSE mount; not touching it")
+    pid = None
+    if state == "mounted":
+        try:
+            pid = int(os.getxattr(mountpoint, "user.fusepager.pid"))
+        except (OSError, ValueError):
+            pid = None
+    result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    if result.returncode != 0 and state == "stale":
+        result = subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise MountError(f"fusermount3 -u {mountpoint} failed: {result.stderr.strip()}")
+    if pid is None:
+        return f"unmounted {mountpoint}" + (" (it was stale)" if state == "stale" else "")
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return f"unmounted {mountpoint}; daemon {pid} finished"
+        time.sleep(0.05)
+    return f"unmounted {mountpoint}; daemon {pid} is still finishing (kill it with: kill {pid})"
+
+
+# -- the daemon ------------------------------------------------------------------------------
+
+
+class KernelConsoles:
+    """The in-process kernels' consoles on one input: `KERNEL COMMAND`, or just `COMMAND`
+    when there is one kernel.  Answers are prefixed with the kernel's name."""
+
+    def __init__(self, consoles: dict[str, Console]) -> None:
+        self.consoles = consoles
+
+    async def execute(self, line: str) -> str:
+        words = line.split(maxsplit=1)
+        if not words or words[0].startswith("#"):
+            return ""
+        if words[0] in self.consoles:
+            name, rest = words[0], words[1] if len(words) > 1 else "help"
+        elif len(self.consoles) == 1:
+            name, rest = next(iter(self.consoles)), line
+        else:
+            return f"error begin the line with a kernel: {' '.join(self.consoles)}"
+        answer = await self.consoles[name].execute(rest)
+        return "\n".join(f"{name} {part}" if not part.startswith("#") else part for part in answer.split("\n"))
+
+
+async def serve(
+    store_path: str,
+    mountpoint: str,
+    *,
+    fuse_options: set[str] | None = None,
+    kernels: list[KernelSpec] | None = None,
+    console: bool = False,
+    debug: bool = False,
+    on_ready=None,
+) -> None:
+    """Mount, serve until unmounted or signalled, then shut down in order."""
+    check_mountpoint(mountpoint)
+    try:
+        store = FileStore(store_path)
+    except StoreError as error:
+        raise MountError(f"store {store_path}: {error}") from None
+    manager = FileManager(store)
+    operations = PagerFS(manager)
+    options = set(pyfuse3.default_options) | {"fsname=fusepager", "subtype=fusepager"} | (fuse_options or set())
+    if debug:
+        options.add("debug")
+    try:
+        pyfuse3.init(operations, mountpoint, options)
+    except RuntimeError as error:
+        store.close()
+        raise MountError(f"cannot mount {mountpoint}: {error} (is /dev/fuse there, and fuse3 installed?)") from None
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(manager.run)
+            async with AsyncExitStack() as stack:
+                booted = {}
+                for spec in kernels or []:
+                    booted[spec.name] = await stack.enter_async_context(
+                        kernelsim.boot(spec.name, spec.page_size, spec.memory_pages, cluster_pages=spec.cluster_pages)
+                    )
+                manager.trace.line(
+                    f"manager serving store {os.path.abspath(store_path)} at {os.path.abspath(mountpoint)}"
+                    + (f" with kernels {' '.join(booted)}" if booted else "")
+                )
+                with trio.CancelScope() as fuse_scope:
+                    nursery.start_soon(_cancel_on_signal, fuse_scope)
+                    if console and booted:
+                        consoles = KernelConsoles({name: Console(kernel, manager.resolve) for name, kernel in booted.items()})
+                        nursery.start_soon(serve_stdin, consoles.execute)
+                    if on_ready is not None:
+                        on_ready()
+                    await pyfuse3.main()
+                manager.trace.line("manager: unmounting; kernels shut down and return their pages")
+            # The kernels are down: what they returned is queued for the pagers.  Let it land.
+            with trio.move_on_after(UNMOUNT_WAIT):
+                await manager.idle()
+            nursery.cancel_scope.cancel()
+    finally:
+        manager.close()
+        pyfuse3.close(unmount=True)
+
+
+async def _cancel_on_signal(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for number in signals:
+            log.warning("got %s: unmounting", signal.Signals(number).name)
+            scope.cancel()
+            return
+
+
+def daemon_log_path(store_path: str) -> Path:
+    return Path(store_path) / "fusepager.log"

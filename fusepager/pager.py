@@ -1,0 +1,505 @@
+"""The pager engine: the EMM protocol for one memory object, on top of an author's callbacks.
+
+Modelled on the Hurd's libpager.  The author writes storage callbacks (`PagerCallbacks`): read
+pages, write pages, report the extent, and optionally approve an unlock or hear of an eviction.
+The engine does the protocol:
+
+- it takes every kernel→manager message off the object port in seqno order and applies its
+  state change at once, in that order; the I/O it needs then runs concurrently, kept in order
+  where byte ranges overlap (`RangeSequencer`), so many requests are in flight at once;
+- it keeps one `KernelRecord` per kernel (control and name ports, page size, ready,
+  attributes) and that kernel's `Pagemap`;
+- it grants exactly the access asked for: a read gets a write-locked page, so the kernel must
+  ask (data_unlock) before writing, and the engine always knows which kernel may hold changes;
+- it offers the author libpager's verbs: `sync`, `flush`, `return_`, `change_attributes`,
+  `offer_page`, `shutdown`, plus `lock`, `destroy` and a manual `ready` for the mount.
+
+Run it inside a nursery: `await nursery.start(pager.serve)`; give kernels `pager.send_right()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import trio
+
+from kernelsim import calls
+from kernelsim import messages as m
+from kernelsim.interface import (
+    COPY_STRATEGY_NAMES,
+    KERN_MEMORY_ERROR,
+    MEMORY_OBJECT_COPY_DELAY,
+    MEMORY_OBJECT_RETURN_ALL,
+    MEMORY_OBJECT_RETURN_DIRTY,
+    MEMORY_OBJECT_RETURN_NONE,
+    VM_PROT_NONE,
+    VM_PROT_WRITE,
+    MachSendInvalidDest,
+)
+from kernelsim.ipc_port import ReceivedMessage, SendRight, port_allocate
+
+from .pagemap import Pagemap
+from .sequencer import RangeSequencer
+from .trace import Stats, Trace
+
+log = logging.getLogger("fusepager.pager")
+
+LOCK_TIMEOUT = 30.0
+"""Seconds a verb waits for a kernel's lock_completed before it stops waiting and says so."""
+
+
+class PagerError(Exception):
+    """Raised by a callback that cannot do its I/O; the kernel gets memory_object_data_error."""
+
+    def __init__(self, message: str, reason: int = KERN_MEMORY_ERROR) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class PagerCallbacks:
+    """What a memory manager's author provides.  All I/O the engine does goes through these."""
+
+    async def read_pages(self, offset: int, length: int) -> bytes | None:
+        """`length` bytes at `offset`, or None when the object has no data there (the kernel
+        then zero-fills: memory_object_data_unavailable).  Raise PagerError on failure."""
+        raise NotImplementedError
+
+    async def write_pages(self, offset: int, data: bytes) -> None:
+        """Store what a kernel returned.  Raise PagerError on failure."""
+        raise NotImplementedError
+
+    async def report_extent(self) -> int:
+        """The object's size in bytes."""
+        raise NotImplementedError
+
+    async def unlock_pages(self, offset: int, length: int, access: int) -> None:
+        """A kernel wants `access` to pages it holds; raise PagerError to refuse."""
+
+    async def pages_evicted(self, offset: int, length: int) -> None:
+        """A kernel let go of these pages (they came back without a kept copy)."""
+
+
+@dataclass
+class KernelRecord:
+    """One kernel's use of the object: what memory_object_init told, what the engine granted."""
+
+    host: str
+    label: str
+    control: SendRight
+    name: SendRight
+    page_size: int
+    pagemap: Pagemap
+    ready: bool = False
+    may_cache: bool = False
+    copy_strategy: int = MEMORY_OBJECT_COPY_DELAY
+    pending_unlocks: list[m.MemoryObjectDataUnlock] = field(default_factory=list)
+
+    def round(self, offset: int, length: int) -> tuple[int, int]:
+        """The kernel's whole pages covering [offset, offset+length)."""
+        start = offset - offset % self.page_size
+        end = offset + length
+        end += -end % self.page_size
+        return start, end - start
+
+    def ready_line(self) -> str:
+        return f"may_cache={int(self.may_cache)} copy={COPY_STRATEGY_NAMES[self.copy_strategy]}\n"
+
+
+@dataclass
+class _LockWait:
+    offset: int
+    length: int
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+class Pager:
+    def __init__(
+        self,
+        callbacks: PagerCallbacks,
+        *,
+        name: str,
+        may_cache: bool = False,
+        copy_strategy: int = MEMORY_OBJECT_COPY_DELAY,
+        auto_ready: bool = True,
+        precious: bool = False,
+        trace: Trace | None = None,
+        stats: Stats | None = None,
+    ) -> None:
+        self.callbacks = callbacks
+        self.name = name
+        self.may_cache = may_cache
+        self.copy_strategy = copy_strategy
+        self.auto_ready = auto_ready
+        self.precious = precious
+        self.trace = trace or Trace()
+        self.stats = stats or Stats()
+        self.port = port_allocate(f"object {name}")
+        self.kernels: dict[int, KernelRecord] = {}
+        self.sequencer = RangeSequencer()
+        self.manager_locks: dict[tuple[int, int], int] = {}
+        self._lock_waits: dict[int, deque[_LockWait]] = {}
+        self._nursery: trio.Nursery | None = None
+        self._changed = trio.lowlevel.ParkingLot()
+
+    def __repr__(self) -> str:
+        return f"<pager {self.name} kernels={len(self.kernels)}>"
+
+    def send_right(self) -> SendRight:
+        """A send right to the memory object port, to hand to a kernel's vm_map."""
+        return self.port.make_send()
+
+    # -- the serve loop ----------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the object port until the port dies or the task is cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            async for received in self.port:
+                self._dispatch(received)
+            nursery.cancel_scope.cancel()
+
+    def _dispatch(self, received: ReceivedMessage) -> None:
+        message = received.message
+        self.stats.received(message)
+        record = self.kernels.get(message.control.name) if hasattr(message, "control") else None
+        source = record.label if record is not None else getattr(getattr(message, "control", None), "host", "") or "?"
+        self.trace.message(source, self.name, message)
+        handler = {
+            m.MemoryObjectInit: self._init,
+            m.MemoryObjectDataRequest: self._data_request,
+            m.MemoryObjectDataUnlock: self._data_unlock,
+            m.MemoryObjectDataReturn: self._data_return,
+            m.MemoryObjectLockCompleted: self._lock_completed,
+            m.MemoryObjectTerminate: self._terminate,
+        }.get(type(message))
+        if handler is None:
+            self._refuse(f"{message.mach_name} is not served by this pager")
+            message.destroy_rights()
+            return
+        if record is None and not isinstance(message, m.MemoryObjectInit):
+            message.destroy_rights()
+            self._refuse(f"{message.mach_name} from a control port this pager was never given")
+            return
+        handler(record, message)
+        self._changed.unpark_all()
+
+    def _refuse(self, why: str) -> None:
+        self.stats.refused += 1
+        self.trace.line(f"{self.name} refused: {why}")
+        log.warning("pager %s refused: %s", self.name, why)
+
+    def _spawn(self, function, *args) -> None:
+        assert self._nursery is not None, "the pager is not being served"
+        self._nursery.start_soon(function, *args)
+
+    def _send(self, record: KernelRecord, message: m.Message) -> bool:
+        """Send a call to a kernel's control port; False when the kernel is gone."""
+        self.stats.sent(message)
+        self.trace.message(self.name, record.label, message)
+        try:
+            record.control.send(message)
+        except MachSendInvalidDest:
+            self.trace.line(f"{self.name} -> {record.label} lost: the kernel's control port is dead")
+            self._forget(record)
+            return False
+        return True
+
+    # -- kernel → manager --------------------------------------------------------------------
+
+    def _init(self, record: None, message: m.MemoryObjectInit) -> None:
+        if message.control.name in self.kernels:
+            self._refuse(f"a second memory_object_init on control port {message.control.name}")
+            return
+        host = message.control.host or f"kernel{message.control.name}"
+        labels = {r.label for r in self.kernels.values()}
+        label, suffix = host, 2
+        while label in labels:
+            label, suffix = f"{host}-{suffix}", suffix + 1
+        record = KernelRecord(
+            host=host,
+            label=label,
+            control=message.control,
+            name=message.name,
+            page_size=message.page_size,
+            pagemap=Pagemap(message.page_size),
+        )
+        self.kernels[message.control.name] = record
+        if self.auto_ready:
+            self.ready(record, self.may_cache, self.copy_strategy)
+
+    def _data_request(self, record: KernelRecord, message: m.MemoryObjectDataRequest) -> None:
+        reservation = self.sequencer.reserve(message.offset, message.length, exclusive=False)
+        self._spawn(self._supply, record, message, reservation, time.perf_counter())
+
+    async def _supply(self, record: KernelRecord, request: m.MemoryObjectDataRequest, reservation, started: float) -> None:
+        offset, length = request.offset, request.length
+        async with reservation:
+            try:
+                data = await self.callbacks.read_pages(offset, length)
+            except PagerError as error:
+                self.trace.line(f"{self.name} read of {offset:#x}+{length} failed: {error}")
+                self._send(record, m.MemoryObjectDataError(offset=offset, size=length, error_value=error.reason))
+                return
+        if record.control.name not in self.kernels:
+            return  # terminated meanwhile
+        if data is None:
+            # Zero-filled pages come unlocked (the protocol says so): the kernel may write them.
+            if self._send(record, m.MemoryObjectDataUnavailable(offset=offset, size=length)):
+                record.pagemap.grant(offset, length, request.desired_access | VM_PROT_WRITE)
+                manager_lock = self._manager_lock(offset, length)
+                if manager_lock:
+                    self._send_lock(record, offset, length, manager_lock)
+        else:
+            if len(data) != length:
+                raise AssertionError(f"read_pages returned {len(data)} bytes for {length}")
+            lock_value = self._lock_value(offset, length, request.desired_access)
+            supply = m.MemoryObjectDataSupply(offset=offset, data=data, lock_value=lock_value, precious=self.precious, reply_to=None)
+            if self._send(record, supply):
+                record.pagemap.grant(offset, length, request.desired_access & ~lock_value, self.precious)
+        self.stats.served(time.perf_counter() - started)
+
+    def _send_lock(self, record: KernelRecord, offset: int, length: int, lock_value: int) -> bool:
+        """A lock request that only changes the lock (no return, no flush, no reply)."""
+        message = m.MemoryObjectLockRequest(
+            offset=offset, size=length, should_return=MEMORY_OBJECT_RETURN_NONE, should_flush=False, lock_value=lock_value, reply_to=None
+        )
+        if not self._send(record, message):
+            return False
+        record.pagemap.restrict(offset, length, lock_value)
+        return True
+
+    def _lock_value(self, offset: int, length: int, access: int) -> int:
+        """What the kernel may not do with pages it asked `access` to."""
+        lock_value = VM_PROT_NONE if access & VM_PROT_WRITE else VM_PROT_WRITE
+        return lock_value | self._manager_lock(offset, length)
+
+    def _manager_lock(self, offset: int, length: int) -> int:
+        lock = VM_PROT_NONE
+        end = offset + length
+        for (start, size), prot in self.manager_locks.items():
+            if start < end and offset < start + size:
+                lock |= prot
+        return lock
+
+    def _data_unlock(self, record: KernelRecord, message: m.MemoryObjectDataUnlock) -> None:
+        if self._manager_lock(message.offset, message.length) & message.desired_access:
+            record.pending_unlocks.append(message)
+            self.trace.line(f"{self.name} holds unlock from {record.label}: range locked with 'lock'")
+            return
+        self._spawn(self._unlock, record, message)
+
+    async def _unlock(self, record: KernelRecord, message: m.MemoryObjectDataUnlock) -> None:
+        try:
+            await self.callbacks.unlock_pages(message.offset, message.length, message.desired_access)
+        except PagerError as error:
+            self.trace.line(f"{self.name} refused unlock of {message.offset:#x}+{message.length}: {error}")
+            return
+        if record.control.name not in self.kernels:
+            return
+        lock_value = self._lock_value(message.offset, message.length, message.desired_access)
+        unlock = m.MemoryObjectLockRequest(
+            offset=message.offset, size=message.length, should_return=MEMORY_OBJECT_RETURN_NONE, should_flush=False, lock_value=lock_value, reply_to=None
+        )
+        if self._send(record, unlock):
+            record.pagemap.set_access(message.offset, message.length, message.desired_access & ~lock_value)
+
+    def _data_return(self, record: KernelRecord, message: m.MemoryObjectDataReturn) -> None:
+        length = len(message.data)
+        if not message.kernel_copy:
+            record.pagemap.remove(message.offset, length)
+        reservation = self.sequencer.reserve(message.offset, length, exclusive=True)
+        self._spawn(self._write, record, message, reservation)
+
+    async def _write(self, record: KernelRecord, message: m.MemoryObjectDataReturn, reservation) -> None:
+        async with reservation:
+            if message.dirty:
+                try:
+                    await self.callbacks.write_pages(message.offset, message.data)
+                except PagerError as error:
+                    self.trace.line(f"{self.name} LOST a write of {message.offset:#x}+{len(message.data)}: {error}")
+                    log.error("pager %s could not store returned data at %#x: %s", self.name, message.offset, error)
+            if not message.kernel_copy:
+                await self.callbacks.pages_evicted(message.offset, len(message.data))
+
+    def _lock_completed(self, record: KernelRecord, message: m.MemoryObjectLockCompleted) -> None:
+        waits = self._lock_waits.get(record.control.name)
+        if not waits:
+            self._refuse(f"lock_completed from {record.label} that no lock request awaits")
+            return
+        wait = waits.popleft()
+        # The returns the lock request caused came before this message: let their writes finish.
+        reservation = self.sequencer.reserve(wait.offset, wait.length, exclusive=True)
+        self._spawn(self._complete_lock, wait, reservation)
+
+    async def _complete_lock(self, wait: _LockWait, reservation) -> None:
+        async with reservation:
+            wait.done.set()
+
+    def _terminate(self, record: KernelRecord, message: m.MemoryObjectTerminate) -> None:
+        message.control.destroy()
+        message.name.destroy()
+        self._forget(record)
+
+    def _forget(self, record: KernelRecord) -> None:
+        if self.kernels.pop(record.control.name, None) is None:
+            return
+        for wait in self._lock_waits.pop(record.control.name, ()):
+            wait.done.set()
+        self._changed.unpark_all()
+
+    # -- verbs -------------------------------------------------------------------------------
+
+    def ready(self, record: KernelRecord, may_cache: bool, copy_strategy: int) -> None:
+        """memory_object_ready for one kernel (automatic, or the shell writing `ready`)."""
+        record.may_cache = may_cache
+        record.copy_strategy = copy_strategy
+        if self._send(record, m.MemoryObjectReady(may_cache=may_cache, copy_strategy=copy_strategy)):
+            record.ready = True
+            self._changed.unpark_all()
+
+    async def _lock_request(
+        self,
+        records: Iterable[KernelRecord],
+        offset: int,
+        length: int,
+        should_return: int,
+        should_flush: bool,
+        lock_value: int,
+    ) -> None:
+        """memory_object_lock_request to each kernel over its pages of the range; wait for every
+        lock_completed and for the writes of what came back."""
+        waits = []
+        for record in list(records):
+            start, size = record.round(offset, length)
+            wait = _LockWait(start, size)
+            message = m.MemoryObjectLockRequest(
+                offset=start,
+                size=size,
+                should_return=should_return,
+                should_flush=should_flush,
+                lock_value=lock_value,
+                reply_to=self.port.make_send(),
+            )
+            self._lock_waits.setdefault(record.control.name, deque()).append(wait)
+            if not self._send(record, message):
+                continue
+            if should_flush:
+                record.pagemap.remove(start, size)
+            else:
+                record.pagemap.restrict(start, size, lock_value)
+            waits.append((record, wait))
+        for record, wait in waits:
+            with trio.move_on_after(LOCK_TIMEOUT) as scope:
+                await wait.done.wait()
+            if scope.cancelled_caught:
+                self.trace.line(f"{self.name} gave up waiting for lock_completed from {record.label}")
+
+    def _holding(self, offset: int, length: int, *, writable_only: bool) -> list[KernelRecord]:
+        records = []
+        for record in self.kernels.values():
+            if not record.ready:
+                continue
+            held = record.pagemap.writable(offset, length) if writable_only else record.pagemap.held(offset, length)
+            if held:
+                records.append(record)
+        return records
+
+    async def sync(self, offset: int = 0, length: int | None = None) -> None:
+        """Bring back every change kernels hold in the range; they keep read-only copies."""
+        length = await self._length(offset, length)
+        await self._lock_request(
+            self._holding(offset, length, writable_only=True), offset, length, MEMORY_OBJECT_RETURN_DIRTY, False, VM_PROT_WRITE
+        )
+
+    async def flush(self, offset: int = 0, length: int | None = None) -> None:
+        """Changes come back and every kernel drops the range."""
+        length = await self._length(offset, length)
+        await self._lock_request(
+            self._holding(offset, length, writable_only=False), offset, length, MEMORY_OBJECT_RETURN_DIRTY, True, VM_PROT_NONE
+        )
+
+    async def return_(self, offset: int = 0, length: int | None = None) -> None:
+        """As flush, and precious pages come back too."""
+        length = await self._length(offset, length)
+        await self._lock_request(
+            self._holding(offset, length, writable_only=False), offset, length, MEMORY_OBJECT_RETURN_ALL, True, VM_PROT_NONE
+        )
+
+    async def lock(self, offset: int, length: int, lock_value: int) -> None:
+        """Forbid `lock_value` accesses to the range in every kernel until lifted with
+        VM_PROT_NONE; a kernel that wants them waits (its data_unlock is held)."""
+        self.manager_locks.pop((offset, length), None)
+        if lock_value:
+            self.manager_locks[(offset, length)] = lock_value
+        should_return = MEMORY_OBJECT_RETURN_DIRTY if lock_value & VM_PROT_WRITE else MEMORY_OBJECT_RETURN_NONE
+        holders = self._holding(offset, length, writable_only=False)
+        if lock_value:
+            await self._lock_request(holders, offset, length, should_return, False, lock_value)
+        for record in list(self.kernels.values()):
+            held, record.pending_unlocks = record.pending_unlocks, []
+            for unlock in held:
+                self._data_unlock(record, unlock)
+
+    async def change_attributes(self, may_cache: bool, copy_strategy: int) -> None:
+        """New attributes for later kernels and, with memory_object_change_attributes, for every
+        kernel now; waits for each change_completed."""
+        self.may_cache = may_cache
+        self.copy_strategy = copy_strategy
+        replies = []
+        for record in [r for r in self.kernels.values() if r.ready]:
+            reply = port_allocate(f"change_attributes reply {self.name}")
+            message = m.MemoryObjectChangeAttributes(may_cache=may_cache, copy_strategy=copy_strategy, reply_to=reply.make_send_once())
+            if self._send(record, message):
+                record.may_cache, record.copy_strategy = may_cache, copy_strategy
+                replies.append((record, reply))
+            else:
+                reply.destroy()
+        for record, reply in replies:
+            with trio.move_on_after(LOCK_TIMEOUT):
+                completed = await reply.receive()
+                self.stats.received(completed.message)
+                self.trace.message(record.label, self.name, completed.message)
+            reply.destroy()
+
+    def offer_page(self, offset: int, data: bytes, *, precious: bool = False, writable: bool = False) -> int:
+        """Supply data no kernel asked for, to every ready kernel whose pages it fits; returns
+        how many kernels it was offered to."""
+        offered = 0
+        lock_value = (VM_PROT_NONE if writable else VM_PROT_WRITE) | self._manager_lock(offset, len(data))
+        for record in [r for r in self.kernels.values() if r.ready]:
+            if offset % record.page_size or len(data) % record.page_size:
+                continue
+            supply = m.MemoryObjectDataSupply(offset=offset, data=bytes(data), lock_value=lock_value, precious=precious, reply_to=None)
+            if self._send(record, supply):
+                record.pagemap.grant(offset, len(data), ~lock_value, precious)
+                offered += 1
+        return offered
+
+    def destroy(self, reason: int) -> None:
+        """memory_object_destroy at every kernel: their cached data is dropped, faults fail."""
+        for record in list(self.kernels.values()):
+            self._send(record, m.MemoryObjectDestroy(reason=reason))
+
+    async def shutdown(self) -> None:
+        """Bring everything back, tell every kernel to let go, and wait for their terminates."""
+        await self.return_()
+        self.destroy(KERN_MEMORY_ERROR)
+        with trio.move_on_after(LOCK_TIMEOUT):
+            while self.kernels:
+                await self._changed.park()
+
+    async def wait_for_change(self) -> None:
+        """Until the pager handles another message (for watchers such as the mount)."""
+        await self._changed.park()
+
+    async def _length(self, offset: int, length: int | None) -> int:
+        """`length`, or all of the object from `offset`: its extent or what kernels hold."""
+        if length is not None:
+            return length
+        end = max([await self.callbacks.report_extent()] + [r.pagemap.end() for r in self.kernels.values()])
+        return max(0, end - offset)
