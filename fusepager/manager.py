@@ -37,6 +37,15 @@ class StoreCallbacks(PagerCallbacks):
             raise PagerError(f"reading {length} bytes at {offset:#x}: {os.strerror(error.errno)}", KERN_MEMORY_FAILURE) from error
 
     async def write_pages(self, offset: int, data: bytes) -> None:
+        # Kernels return whole pages.  Past the object's end, keep what they wrote up to its
+        # last non-zero byte: zeros there read back the same as no data, and a page that only
+        # straddles the end must not grow the object to a page boundary.
+        end_of_object = self.stored.size
+        if offset + len(data) > end_of_object:
+            inside = max(0, end_of_object - offset)
+            data = data[: inside + len(data[inside:].rstrip(b"\0"))]
+            if not data:
+                return
         try:
             self.stored.write(offset, data)
         except (OSError, StoreError) as error:

@@ -83,7 +83,8 @@ def mount_state(mountpoint: str | os.PathLike[str]) -> str:
     try:
         os.stat(mountpoint)
     except OSError as error:
-        if error.errno == errno.ENOTCONN:
+        # A FUSE connection whose daemon died answers ENOTCONN (or ECONNABORTED once aborted).
+        if error.errno in (errno.ENOTCONN, errno.ECONNABORTED):
             return "stale"
         raise
     return "mounted"

@@ -38,7 +38,10 @@ class MountSession:
         kernels: list[str] = ("k1:4096",),
         *,
         extra_args: list[str] = (),
+        argv: list[str] | None = None,
     ) -> None:
+        """`argv`, when given, is the whole daemon command (it must mount in the foreground
+        with --console); otherwise it is built from the other arguments."""
         self.store = Path(store)
         self.mountpoint = Path(mountpoint)
         self.kernels = list(kernels)
@@ -48,6 +51,8 @@ class MountSession:
         for spec in self.kernels:
             command += ["--kernel", spec]
         command += list(extra_args)
+        if argv is not None:
+            command = list(argv)
         self.stderr_path = self.store.parent / f"{self.store.name}.daemon-stderr"
         self._stderr = open(self.stderr_path, "wb")
         self.process = subprocess.Popen(
