@@ -38,7 +38,7 @@ from kernelsim.interface import COPY_STRATEGY_NAMES
 from . import control
 from .control import ControlError
 from .manager import FileManager, display_name
-from .pager import KernelRecord, Pager
+from .pager import KernelRecord, LockTimeout, Pager
 from .store import StoreError, validate_name
 
 log = logging.getLogger("fusepager.fs")
@@ -48,6 +48,7 @@ DATA_TIMEOUT = 1.0
 """Seconds the kernel may cache a `data` file's attributes: a zero timeout would cost a GETATTR
 before every read."""
 
+MAX_RANGE = 1 << 62
 KERNEL_FILES = ("page_size", "control", "name", "ready", "pages")
 OBJECT_FILES = ("data", "ctl", "kernels", "snapshots")
 CTL_HELP = f"""\
@@ -92,6 +93,26 @@ class PagerFS(pyfuse3.Operations):
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._pending_ready: set[Node] = set()
+        self._invalidating: set[int] = set()
+        manager.on_object_changed = self._object_changed
+
+    # -- Linux's page cache ------------------------------------------------------------------
+
+    def _object_changed(self, name: bytes) -> None:
+        """Kernels changed the object's bytes (or may now): Linux must not serve `data` from its
+        cache any more, so a program with it mmapped sees the change at its next touch."""
+        inode = self._inodes.get(Node("data", name))
+        if inode is None or inode in self._invalidating:
+            return
+        self._invalidating.add(inode)
+        self.manager.spawn(self._invalidate, inode)
+
+    async def _invalidate(self, inode: int) -> None:
+        # In a thread: the invalidation may wait for a request this loop is serving.
+        try:
+            await trio.to_thread.run_sync(_invalidate_inode, inode)
+        finally:
+            self._invalidating.discard(inode)
 
     # -- nodes -------------------------------------------------------------------------------
 
@@ -268,12 +289,12 @@ class PagerFS(pyfuse3.Operations):
         stored = self.manager.store.open(node.object)
         pager = self._pager(node)
         old = stored.size
-        if pager is not None:
-            low = min(old, size)
-            async with pager.sequencer.reserve(low, max(old, size) - low + 1, exclusive=True):
-                self._store_call(stored.truncate, size)
-        else:
+        if pager is None:
             self._store_call(stored.truncate, size)
+        else:
+            # Whatever kernels hold past the new end is given up first (and cut with the rest).
+            low = min(old, size)
+            await self._engine(node, pager.write_through(low, MAX_RANGE - low, lambda: self._store_call(stored.truncate, size)))
         self.trace.line(f"mount truncated {display_name(node.object)} from {old} to {size} bytes")
 
     def _store_call(self, function, *args):
@@ -397,8 +418,7 @@ class PagerFS(pyfuse3.Operations):
             pager = self._pager(node)
             if pager is None:
                 return self._store_call(stored.read, off, size)
-            async with pager.sequencer.reserve(off, size, exclusive=False):
-                return self._store_call(stored.read, off, size)
+            return await self._engine(node, pager.read_through(off, size, lambda: self._store_call(stored.read, off, size)))
         if node.kind == "trace":
             return self.trace.read(off, size)
         content = handle.content or b""
@@ -414,8 +434,7 @@ class PagerFS(pyfuse3.Operations):
             pager = self._pager(node)
             if pager is None:
                 return self._store_call(stored.write, off, buf)
-            async with pager.sequencer.reserve(off, len(buf), exclusive=True):
-                return self._store_call(stored.write, off, buf)
+            return await self._engine(node, pager.write_through(off, len(buf), lambda: self._store_call(stored.write, off, buf)))
         text = self._text(buf, node)
         if node.kind == "ctl":
             for line in text.splitlines() or [""]:
@@ -442,18 +461,25 @@ class PagerFS(pyfuse3.Operations):
         self.trace.line(f"mount ctl {display_name(name)}: {line.strip()}")
         pager = self.manager.pager(name)
         if isinstance(command, control.Sync):
-            await pager.sync()
+            await self._engine(node, pager.sync())
             self._store_call(self.manager.store.open(name).sync)
         elif isinstance(command, control.Flush):
-            await pager.flush(command.offset, command.length)
+            await self._engine(node, pager.flush(command.offset, command.length))
         elif isinstance(command, control.Clean):
-            await pager.sync(command.offset, command.length)
+            await self._engine(node, pager.sync(command.offset, command.length))
         elif isinstance(command, control.Lock):
-            await pager.lock(command.offset, command.length, command.lock_value)
+            await self._engine(node, pager.lock(command.offset, command.length, command.lock_value))
         elif isinstance(command, control.Destroy):
             pager.destroy(command.reason)
         elif isinstance(command, control.Attributes):
-            await self.manager.set_attributes(name, command.may_cache, command.copy_strategy)
+            await self._engine(node, self.manager.set_attributes(name, command.may_cache, command.copy_strategy))
+
+    async def _engine(self, node: Node, work):
+        """Wait for the engine; a kernel that never answers its lock request is ETIMEDOUT."""
+        try:
+            return await work
+        except LockTimeout as error:
+            raise self._refuse(errno.ETIMEDOUT, f"{self._path(node)}: {error}") from None
 
     async def _ready(self, node: Node, text: str) -> None:
         record = self._record(node)
@@ -535,9 +561,9 @@ class PagerFS(pyfuse3.Operations):
         text = value.decode("utf-8", "replace").strip()
         try:
             if name == b"user.mach.copy_strategy":
-                await self.manager.set_attributes(node.object, None, control.parse_copy(text))
+                await self._engine(node, self.manager.set_attributes(node.object, None, control.parse_copy(text)))
             elif name == b"user.mach.may_cache":
-                await self.manager.set_attributes(node.object, control.parse_bool(text, "may_cache"), None)
+                await self._engine(node, self.manager.set_attributes(node.object, control.parse_bool(text, "may_cache"), None))
             else:
                 self.manager.set_auto_ready(node.object, control.parse_bool(text, "auto_ready"))
         except ControlError as error:
@@ -570,6 +596,10 @@ class PagerFS(pyfuse3.Operations):
         pass  # inodes stay put for the mount's life: a node is a few dozen bytes
 
 
-async def sleep_until_unmounted() -> None:
-    """Placeholder for symmetry with pyfuse3.main in tests."""
-    await trio.sleep_forever()
+def _invalidate_inode(inode: int) -> None:
+    try:
+        pyfuse3.invalidate_inode(inode)
+    except OSError as error:
+        # ENOENT: Linux has forgotten the inode, so it caches nothing of it.
+        if error.errno != errno.ENOENT:
+            log.warning("invalidating inode %d: %s", inode, error)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Callable
 
 import trio
 
@@ -66,6 +67,9 @@ class FileManager:
         self.stats = stats or Stats()
         self.pagers: dict[bytes, Pager] = {}
         self._nursery: trio.Nursery | None = None
+        # Told when kernels change an object's bytes in the store or gain the right to: the
+        # mount drops Linux's cached copy of its `data` file.
+        self.on_object_changed: Callable[[bytes], None] | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Home of the pagers; runs until cancelled."""
@@ -87,13 +91,24 @@ class FileManager:
             may_cache=meta.may_cache,
             copy_strategy=COPY_STRATEGIES[meta.copy_strategy],
             auto_ready=meta.auto_ready,
+            notify_on_evict=True,
             trace=self.trace,
             stats=self.stats,
+            on_change=lambda kind, offset, length: self._changed(name),
         )
         assert self._nursery is not None, "FileManager.run is not running"
         self._nursery.start_soon(pager.serve)
         self.pagers[name] = pager
         return pager
+
+    def _changed(self, name: bytes) -> None:
+        if self.on_object_changed is not None:
+            self.on_object_changed(name)
+
+    def spawn(self, function, *args) -> None:
+        """Run a background task beside the pagers."""
+        assert self._nursery is not None, "FileManager.run is not running"
+        self._nursery.start_soon(function, *args)
 
     def active(self, name: bytes) -> Pager | None:
         """The object's pager if one runs (no pager means no kernel has used it)."""

@@ -22,7 +22,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 from dataclasses import dataclass, field
 
 import trio
@@ -32,24 +33,32 @@ from kernelsim import messages as m
 from kernelsim.interface import (
     COPY_STRATEGY_NAMES,
     KERN_MEMORY_ERROR,
+    KERN_MEMORY_FAILURE,
     MEMORY_OBJECT_COPY_DELAY,
     MEMORY_OBJECT_RETURN_ALL,
     MEMORY_OBJECT_RETURN_DIRTY,
     MEMORY_OBJECT_RETURN_NONE,
     VM_PROT_NONE,
+    VM_PROT_READ,
     VM_PROT_WRITE,
     MachSendInvalidDest,
 )
 from kernelsim.ipc_port import ReceivedMessage, SendRight, port_allocate
 
 from .pagemap import Pagemap
-from .sequencer import RangeSequencer
+from .sequencer import RangeSequencer, Reservation
 from .trace import Stats, Trace
 
 log = logging.getLogger("fusepager.pager")
 
+T = TypeVar("T")
+
 LOCK_TIMEOUT = 30.0
 """Seconds a verb waits for a kernel's lock_completed before it stops waiting and says so."""
+
+
+class LockTimeout(Exception):
+    """A kernel did not answer a lock request in time; the verb that waited says which."""
 
 
 class PagerError(Exception):
@@ -109,11 +118,21 @@ class KernelRecord:
         return f"may_cache={int(self.may_cache)} copy={COPY_STRATEGY_NAMES[self.copy_strategy]}\n"
 
 
+@dataclass(eq=False)
+class _Revocation:
+    """A kernel's range whose data may be on its way back."""
+
+    start: int
+    end: int
+    done: trio.Event
+
+
 @dataclass
 class _LockWait:
     offset: int
     length: int
     done: trio.Event = field(default_factory=trio.Event)
+    revocation: _Revocation | None = None
 
 
 class Pager:
@@ -126,20 +145,31 @@ class Pager:
         copy_strategy: int = MEMORY_OBJECT_COPY_DELAY,
         auto_ready: bool = True,
         precious: bool = False,
+        notify_on_evict: bool = False,
         trace: Trace | None = None,
         stats: Stats | None = None,
+        on_change: Callable[[str, int, int], None] | None = None,
     ) -> None:
         self.callbacks = callbacks
         self.name = name
         self.may_cache = may_cache
         self.copy_strategy = copy_strategy
         self.auto_ready = auto_ready
-        self.precious = precious
+        # notify_on_evict supplies every page precious so kernels return even clean pages they
+        # evict (with dirty=0): the pagemap then knows of every eviction (libpager's option).
+        self.notify_on_evict = notify_on_evict
+        self.precious = precious or notify_on_evict
+        self.on_change = on_change
         self.trace = trace or Trace()
         self.stats = stats or Stats()
         self.port = port_allocate(f"object {name}")
         self.kernels: dict[int, KernelRecord] = {}
         self.sequencer = RangeSequencer()
+        # Grants (to kernels, and to the mount's reads and writes) on overlapping ranges happen
+        # one after the other, in the order their messages came.
+        self.grants = RangeSequencer()
+        self.revoking: list[_Revocation] = []
+        self._refused_unlocks: dict[tuple[int, int], PagerError] = {}
         self.manager_locks: dict[tuple[int, int], int] = {}
         self._lock_waits: dict[int, deque[_LockWait]] = {}
         self._nursery: trio.Nursery | None = None
@@ -233,35 +263,62 @@ class Pager:
             self.ready(record, self.may_cache, self.copy_strategy)
 
     def _data_request(self, record: KernelRecord, message: m.MemoryObjectDataRequest) -> None:
-        reservation = self.sequencer.reserve(message.offset, message.length, exclusive=False)
-        self._spawn(self._supply, record, message, reservation, time.perf_counter())
+        grant = self.grants.reserve(message.offset, message.length, exclusive=bool(message.desired_access & VM_PROT_WRITE))
+        self._spawn(self._supply, record, message, grant, time.perf_counter())
 
-    async def _supply(self, record: KernelRecord, request: m.MemoryObjectDataRequest, reservation, started: float) -> None:
-        offset, length = request.offset, request.length
-        async with reservation:
+    async def _supply(self, record: KernelRecord, request: m.MemoryObjectDataRequest, grant: Reservation, started: float) -> None:
+        offset, length, access = request.offset, request.length, request.desired_access
+        async with grant:
+            if record.control.name not in self.kernels:
+                return  # terminated meanwhile
+            failure = self._refused_unlocks.pop((record.control.name, offset), None)
             try:
-                data = await self.callbacks.read_pages(offset, length)
-            except PagerError as error:
-                self.trace.line(f"{self.name} read of {offset:#x}+{length} failed: {error}")
-                self._send(record, m.MemoryObjectDataError(offset=offset, size=length, error_value=error.reason))
+                if failure is not None:
+                    raise failure
+                await self._revoke(offset, length, access, keep=record)
+                data = await self._read(offset, length)
+                if data is not None and len(data) != length:
+                    raise PagerError(f"read_pages returned {len(data)} bytes for {length}", KERN_MEMORY_FAILURE)
+            except (PagerError, LockTimeout) as error:
+                reason = error.reason if isinstance(error, PagerError) else KERN_MEMORY_FAILURE
+                self.trace.line(f"{self.name} cannot supply {offset:#x}+{length} to {record.label}: {error}")
+                self._send(record, m.MemoryObjectDataError(offset=offset, size=length, error_value=reason))
                 return
-        if record.control.name not in self.kernels:
-            return  # terminated meanwhile
-        if data is None:
-            # Zero-filled pages come unlocked (the protocol says so): the kernel may write them.
-            if self._send(record, m.MemoryObjectDataUnavailable(offset=offset, size=length)):
-                record.pagemap.grant(offset, length, request.desired_access | VM_PROT_WRITE)
-                manager_lock = self._manager_lock(offset, length)
-                if manager_lock:
-                    self._send_lock(record, offset, length, manager_lock)
-        else:
-            if len(data) != length:
-                raise AssertionError(f"read_pages returned {len(data)} bytes for {length}")
-            lock_value = self._lock_value(offset, length, request.desired_access)
-            supply = m.MemoryObjectDataSupply(offset=offset, data=data, lock_value=lock_value, precious=self.precious, reply_to=None)
-            if self._send(record, supply):
-                record.pagemap.grant(offset, length, request.desired_access & ~lock_value, self.precious)
+            if record.control.name not in self.kernels:
+                return
+            if data is None:
+                # Zero-filled pages come unlocked (the protocol says so): the kernel may write them.
+                if self._send(record, m.MemoryObjectDataUnavailable(offset=offset, size=length)):
+                    record.pagemap.grant(offset, length, access | VM_PROT_WRITE)
+                    manager_lock = self._manager_lock(offset, length)
+                    if manager_lock:
+                        self._send_lock(record, offset, length, manager_lock)
+            else:
+                lock_value = self._lock_value(offset, length, access)
+                supply = m.MemoryObjectDataSupply(offset=offset, data=data, lock_value=lock_value, precious=self.precious, reply_to=None)
+                if self._send(record, supply):
+                    record.pagemap.grant(offset, length, access & ~lock_value, self.precious)
+            if record.pagemap.writable(offset, length):
+                self._changed_data("write_granted", offset, length)
         self.stats.served(time.perf_counter() - started)
+
+    async def _read(self, offset: int, length: int) -> bytes | None:
+        """The author's read, after every return in flight for the range has been stored."""
+        await self._wait_for_revocations(offset, length)
+        async with self.sequencer.reserve(offset, length, exclusive=False):
+            return await self._call(self.callbacks.read_pages, offset, length)
+
+    async def _call(self, callback, *args):
+        """An author's callback; anything it raises but PagerError is a bug in it, logged with
+        its traceback and turned into a PagerError, so one bad callback fails one request
+        instead of the pager."""
+        try:
+            return await callback(*args)
+        except PagerError:
+            raise
+        except Exception as error:
+            log.exception("pager %s: callback %s raised", self.name, callback.__name__)
+            raise PagerError(f"{callback.__name__} raised {type(error).__name__}: {error}", KERN_MEMORY_FAILURE) from error
 
     def _send_lock(self, record: KernelRecord, offset: int, length: int, lock_value: int) -> bool:
         """A lock request that only changes the lock (no return, no flush, no reply)."""
@@ -291,22 +348,41 @@ class Pager:
             record.pending_unlocks.append(message)
             self.trace.line(f"{self.name} holds unlock from {record.label}: range locked with 'lock'")
             return
-        self._spawn(self._unlock, record, message)
+        grant = self.grants.reserve(message.offset, message.length, exclusive=bool(message.desired_access & VM_PROT_WRITE))
+        self._spawn(self._unlock, record, message, grant)
 
-    async def _unlock(self, record: KernelRecord, message: m.MemoryObjectDataUnlock) -> None:
-        try:
-            await self.callbacks.unlock_pages(message.offset, message.length, message.desired_access)
-        except PagerError as error:
-            self.trace.line(f"{self.name} refused unlock of {message.offset:#x}+{message.length}: {error}")
-            return
-        if record.control.name not in self.kernels:
-            return
-        lock_value = self._lock_value(message.offset, message.length, message.desired_access)
-        unlock = m.MemoryObjectLockRequest(
-            offset=message.offset, size=message.length, should_return=MEMORY_OBJECT_RETURN_NONE, should_flush=False, lock_value=lock_value, reply_to=None
-        )
-        if self._send(record, unlock):
-            record.pagemap.set_access(message.offset, message.length, message.desired_access & ~lock_value)
+    async def _unlock(self, record: KernelRecord, message: m.MemoryObjectDataUnlock, grant: Reservation) -> None:
+        offset, length, access = message.offset, message.length, message.desired_access
+        async with grant:
+            try:
+                await self._call(self.callbacks.unlock_pages, offset, length, access)
+                if record.control.name not in self.kernels:
+                    return
+                # Single writer: the others give the range up first (their changes come back).
+                await self._revoke(offset, length, access, keep=record)
+            except (PagerError, LockTimeout) as error:
+                # As libpager does: the kernel drops the page, and the fault that asks for it
+                # again gets memory_object_data_error, so the task hears of the refusal.
+                self.trace.line(f"{self.name} refused unlock of {offset:#x}+{length} for {record.label}: {error}")
+                self._refused_unlocks[(record.control.name, offset)] = error if isinstance(error, PagerError) else PagerError(str(error), KERN_MEMORY_FAILURE)
+                flush = m.MemoryObjectLockRequest(
+                    offset=offset, size=length, should_return=MEMORY_OBJECT_RETURN_DIRTY, should_flush=True, lock_value=VM_PROT_NONE, reply_to=None
+                )
+                if self._send(record, flush):
+                    record.pagemap.remove(offset, length)
+                return
+            if record.control.name not in self.kernels:
+                return
+            lock_value = self._lock_value(offset, length, access)
+            unlock = m.MemoryObjectLockRequest(
+                offset=offset, size=length, should_return=MEMORY_OBJECT_RETURN_NONE, should_flush=False, lock_value=lock_value, reply_to=None
+            )
+            # If the kernel lost the pages meanwhile, this changes nothing there and its fault
+            # comes back as a data_request for write.
+            if self._send(record, unlock):
+                record.pagemap.set_access(offset, length, access & ~lock_value)
+                if access & ~lock_value & VM_PROT_WRITE:
+                    self._changed_data("write_granted", offset, length)
 
     def _data_return(self, record: KernelRecord, message: m.MemoryObjectDataReturn) -> None:
         length = len(message.data)
@@ -319,12 +395,17 @@ class Pager:
         async with reservation:
             if message.dirty:
                 try:
-                    await self.callbacks.write_pages(message.offset, message.data)
+                    await self._call(self.callbacks.write_pages, message.offset, message.data)
                 except PagerError as error:
                     self.trace.line(f"{self.name} LOST a write of {message.offset:#x}+{len(message.data)}: {error}")
                     log.error("pager %s could not store returned data at %#x: %s", self.name, message.offset, error)
+                else:
+                    self._changed_data("stored", message.offset, len(message.data))
             if not message.kernel_copy:
-                await self.callbacks.pages_evicted(message.offset, len(message.data))
+                try:
+                    await self._call(self.callbacks.pages_evicted, message.offset, len(message.data))
+                except PagerError as error:
+                    self.trace.line(f"{self.name} pages_evicted failed: {error}")
 
     def _lock_completed(self, record: KernelRecord, message: m.MemoryObjectLockCompleted) -> None:
         waits = self._lock_waits.get(record.control.name)
@@ -373,9 +454,17 @@ class Pager:
     ) -> None:
         """memory_object_lock_request to each kernel over its pages of the range; wait for every
         lock_completed and for the writes of what came back."""
+        items = [(record, *record.round(offset, length), lock_value) for record in records]
+        await self._lock_requests(items, should_return, should_flush)
+
+    async def _lock_requests(self, items: list[tuple[KernelRecord, int, int, int]], should_return: int, should_flush: bool) -> None:
+        """Send each (kernel, offset, size, lock_value) lock request, then wait for them all.
+
+        While data may be on its way back, the kernel's range is marked as being revoked: a read
+        of the store over it (by anyone) waits until the data has landed.  A kernel that does
+        not answer within LOCK_TIMEOUT raises LockTimeout (a dead kernel's waits just end)."""
         waits = []
-        for record in list(records):
-            start, size = record.round(offset, length)
+        for record, start, size, lock_value in items:
             wait = _LockWait(start, size)
             message = m.MemoryObjectLockRequest(
                 offset=start,
@@ -392,12 +481,84 @@ class Pager:
                 record.pagemap.remove(start, size)
             else:
                 record.pagemap.restrict(start, size, lock_value)
+            if should_return != MEMORY_OBJECT_RETURN_NONE:
+                revocation = _Revocation(start, start + size, wait.done)
+                self.revoking.append(revocation)
+                wait.revocation = revocation
             waits.append((record, wait))
+        silent = []
         for record, wait in waits:
             with trio.move_on_after(LOCK_TIMEOUT) as scope:
                 await wait.done.wait()
             if scope.cancelled_caught:
                 self.trace.line(f"{self.name} gave up waiting for lock_completed from {record.label}")
+                silent.append(record.label)
+                wait.done.set()
+            if wait.revocation is not None and wait.revocation in self.revoking:
+                self.revoking.remove(wait.revocation)
+        if silent:
+            raise LockTimeout(f"no memory_object_lock_completed from {', '.join(silent)} within {LOCK_TIMEOUT:.0f} s")
+
+    def _lock_runs(self, record: KernelRecord, offset: int, length: int, lock_value: int) -> list[tuple[KernelRecord, int, int, int]]:
+        """Lock requests that add `lock_value` to what a kernel holds of the range, run by run:
+        locks replace each other in the kernel, so a page it may only read keeps its write lock."""
+        start, size = record.round(offset, length)
+        end = start + size
+        items = []
+        for run_offset, run_length, access, _ in record.pagemap.ranges():
+            low, high = max(start, run_offset), min(end, run_offset + run_length)
+            if low < high:
+                keep = VM_PROT_NONE if access & VM_PROT_WRITE else VM_PROT_WRITE
+                items.append((record, low, high - low, lock_value | keep))
+        return items
+
+    async def _wait_for_revocations(self, offset: int, length: int) -> None:
+        end = offset + length
+        while True:
+            pending = [r for r in self.revoking if r.start < end and offset < r.end]
+            if not pending:
+                return
+            for revocation in pending:
+                await revocation.done.wait()
+                if revocation in self.revoking:
+                    self.revoking.remove(revocation)
+
+    async def _revoke(self, offset: int, length: int, access: int, *, keep: KernelRecord | None) -> None:
+        """Make the range safe to grant `access` to `keep` (None: the mount): for a write, every
+        other kernel gives up its pages of it; for a read, every other writer gives back its
+        changes and keeps a read-only copy."""
+        others = [r for r in self.kernels.values() if r is not keep and r.ready]
+        if access & VM_PROT_WRITE:
+            holders = [r for r in others if r.pagemap.held(offset, length)]
+            await self._lock_request(holders, offset, length, MEMORY_OBJECT_RETURN_DIRTY, True, VM_PROT_NONE)
+        else:
+            writers = [r for r in others if r.pagemap.writable(offset, length)]
+            lock_value = VM_PROT_WRITE | self._manager_lock(offset, length)
+            await self._lock_request(writers, offset, length, MEMORY_OBJECT_RETURN_DIRTY, False, lock_value)
+
+    def _changed_data(self, kind: str, offset: int, length: int) -> None:
+        if self.on_change is not None:
+            self.on_change(kind, offset, length)
+
+    # -- the mount's reads and writes --------------------------------------------------------
+
+    async def read_through(self, offset: int, length: int, read: Callable[[], bytes]) -> bytes:
+        """Run `read` (of the store, for the mount) once every kernel has given back what it
+        changed in the range: a read of `data` shows what the tasks wrote."""
+        async with self.grants.reserve(offset, length, exclusive=False):
+            await self._revoke(offset, length, VM_PROT_READ, keep=None)
+            await self._wait_for_revocations(offset, length)
+            async with self.sequencer.reserve(offset, length, exclusive=False):
+                return read()
+
+    async def write_through(self, offset: int, length: int, write: Callable[[], T]) -> T:
+        """Run `write` (of the store, for the mount) once every kernel has given up the range
+        (its changes written first): afterwards every task sees the new bytes."""
+        async with self.grants.reserve(offset, length, exclusive=True):
+            await self._revoke(offset, length, VM_PROT_WRITE, keep=None)
+            await self._wait_for_revocations(offset, length)
+            async with self.sequencer.reserve(offset, length, exclusive=True):
+                return write()
 
     def _holding(self, offset: int, length: int, *, writable_only: bool) -> list[KernelRecord]:
         records = []
@@ -413,7 +574,12 @@ class Pager:
         """Bring back every change kernels hold in the range; they keep read-only copies."""
         length = await self._length(offset, length)
         await self._lock_request(
-            self._holding(offset, length, writable_only=True), offset, length, MEMORY_OBJECT_RETURN_DIRTY, False, VM_PROT_WRITE
+            self._holding(offset, length, writable_only=True),
+            offset,
+            length,
+            MEMORY_OBJECT_RETURN_DIRTY,
+            False,
+            VM_PROT_WRITE | self._manager_lock(offset, length),
         )
 
     async def flush(self, offset: int = 0, length: int | None = None) -> None:
@@ -437,9 +603,10 @@ class Pager:
         if lock_value:
             self.manager_locks[(offset, length)] = lock_value
         should_return = MEMORY_OBJECT_RETURN_DIRTY if lock_value & VM_PROT_WRITE else MEMORY_OBJECT_RETURN_NONE
-        holders = self._holding(offset, length, writable_only=False)
         if lock_value:
-            await self._lock_request(holders, offset, length, should_return, False, lock_value)
+            async with self.grants.reserve(offset, length, exclusive=True):
+                items = [item for record in self._holding(offset, length, writable_only=False) for item in self._lock_runs(record, offset, length, lock_value)]
+                await self._lock_requests(items, should_return, False)
         for record in list(self.kernels.values()):
             held, record.pending_unlocks = record.pending_unlocks, []
             for unlock in held:
@@ -459,25 +626,35 @@ class Pager:
                 replies.append((record, reply))
             else:
                 reply.destroy()
+        silent = []
         for record, reply in replies:
-            with trio.move_on_after(LOCK_TIMEOUT):
+            with trio.move_on_after(LOCK_TIMEOUT) as scope:
                 completed = await reply.receive()
                 self.stats.received(completed.message)
                 self.trace.message(record.label, self.name, completed.message)
+            if scope.cancelled_caught:
+                self.trace.line(f"{self.name} gave up waiting for change_completed from {record.label}")
+                silent.append(record.label)
             reply.destroy()
+        if silent:
+            raise LockTimeout(f"no memory_object_change_completed from {', '.join(silent)} within {LOCK_TIMEOUT:.0f} s")
 
-    def offer_page(self, offset: int, data: bytes, *, precious: bool = False, writable: bool = False) -> int:
-        """Supply data no kernel asked for, to every ready kernel whose pages it fits; returns
-        how many kernels it was offered to."""
+    async def offer_page(self, offset: int, data: bytes, *, precious: bool = False) -> int:
+        """Supply data no kernel asked for, read-only, to every ready kernel whose pages it fits
+        and that holds none of the range yet (a kernel ignores data it already holds); a writer
+        elsewhere gives back its changes first.  Returns how many kernels got it."""
+        length = len(data)
         offered = 0
-        lock_value = (VM_PROT_NONE if writable else VM_PROT_WRITE) | self._manager_lock(offset, len(data))
-        for record in [r for r in self.kernels.values() if r.ready]:
-            if offset % record.page_size or len(data) % record.page_size:
-                continue
-            supply = m.MemoryObjectDataSupply(offset=offset, data=bytes(data), lock_value=lock_value, precious=precious, reply_to=None)
-            if self._send(record, supply):
-                record.pagemap.grant(offset, len(data), ~lock_value, precious)
-                offered += 1
+        async with self.grants.reserve(offset, length, exclusive=False):
+            await self._revoke(offset, length, VM_PROT_READ, keep=None)
+            lock_value = VM_PROT_WRITE | self._manager_lock(offset, length)
+            for record in [r for r in self.kernels.values() if r.ready]:
+                if offset % record.page_size or length % record.page_size or record.pagemap.held(offset, length):
+                    continue
+                supply = m.MemoryObjectDataSupply(offset=offset, data=bytes(data), lock_value=lock_value, precious=precious, reply_to=None)
+                if self._send(record, supply):
+                    record.pagemap.grant(offset, length, VM_PROT_READ & ~lock_value, precious)
+                    offered += 1
         return offered
 
     def destroy(self, reason: int) -> None:

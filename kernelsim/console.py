@@ -18,6 +18,8 @@ Addresses are numbers (0x... or decimal) or NAME[+OFFSET]: the mapping of NAME m
 
 from __future__ import annotations
 
+import hashlib
+import random
 import shlex
 import sys
 import threading
@@ -56,6 +58,8 @@ commands (answers start with 'ok' or 'error'):
   write WHERE TEXT...         the rest of the line, UTF-8 (\\n, \\t, \\xNN understood)
   writehex WHERE HEX          bytes given in hex
   fill WHERE LEN BYTE         LEN copies of BYTE (0-255)
+  pattern WHERE LEN SEED      LEN bytes of the test pattern SEED (see pattern_bytes)
+  sha256 WHERE LEN            the SHA-256 of LEN bytes, read by the task
   protect WHERE SIZE PROT     vm_protect: PROT is some of r, w, x, or none
   inherit WHERE SIZE share|copy|none
   region WHERE                vm_region
@@ -67,6 +71,20 @@ commands (answers start with 'ok' or 'error'):
 WHERE is an address (0x10000, 65536) or NAME[+OFFSET] for a mapping made with 'map'.
 Numbers may end in K, M, G or T (x1024): map big 1T.
 """
+
+
+CHUNK = 1 << 20
+PATTERN_BLOCK = 4096
+
+
+def pattern_bytes(seed: int, offset: int, length: int) -> bytes:
+    """Bytes [offset, offset+length) of test pattern `seed`: every 4 KiB block differs, so a
+    page in the wrong place shows.  Tests compute the same bytes to check what a task wrote."""
+    first = offset // PATTERN_BLOCK
+    last = (offset + length - 1) // PATTERN_BLOCK if length else first - 1
+    blocks = b"".join(random.Random(f"{seed}:{block}").randbytes(PATTERN_BLOCK) for block in range(first, last + 1))
+    skip = offset - first * PATTERN_BLOCK
+    return blocks[skip : skip + length]
 
 
 class ConsoleError(Exception):
@@ -257,10 +275,28 @@ class Console:
         address, length, byte = self.where(words[0]), parse_number(words[1], "length"), parse_number(words[2], "byte")
         if byte > 255:
             raise ConsoleError(f"bad byte {byte}: 0 to 255")
-        chunk = 1 << 20
-        for start in range(0, length, chunk):
-            await self.current.write(address + start, bytes([byte]) * min(chunk, length - start))
+        for start in range(0, length, CHUNK):
+            await self.current.write(address + start, bytes([byte]) * min(CHUNK, length - start))
         return f"fill {address:#x} {length}"
+
+    async def do_pattern(self, rest: str) -> str:
+        words = rest.split()
+        if len(words) != 3:
+            raise ConsoleError("usage: pattern WHERE LEN SEED")
+        address, length, seed = self.where(words[0]), parse_number(words[1], "length"), parse_number(words[2], "seed")
+        for start in range(0, length, CHUNK):
+            await self.current.write(address + start, pattern_bytes(seed, start, min(CHUNK, length - start)))
+        return f"pattern {address:#x} {length} {seed}"
+
+    async def do_sha256(self, rest: str) -> str:
+        words = rest.split()
+        if len(words) != 2:
+            raise ConsoleError("usage: sha256 WHERE LEN")
+        address, length = self.where(words[0]), parse_number(words[1], "length")
+        digest = hashlib.sha256()
+        for start in range(0, length, CHUNK):
+            digest.update(await self.current.read(address + start, min(CHUNK, length - start)))
+        return f"sha256 {address:#x} {length} {digest.hexdigest()}"
 
     async def do_protect(self, rest: str) -> str:
         words = rest.split()
@@ -312,7 +348,8 @@ class Console:
         counters = " ".join(f"{key}={value}" for key, value in self.kernel.stats.as_dict().items())
         return (
             f"stat kernel={self.kernel.name} page_size={self.kernel.page_size} "
-            f"resident={self.kernel.resident.count} limit={self.kernel.resident.limit} {counters}"
+            f"resident={self.kernel.resident.count} peak={self.kernel.resident.peak} "
+            f"limit={self.kernel.resident.limit} {counters}"
         )
 
 

@@ -25,7 +25,7 @@ from .memory_object import ControlServer, NotifyServer
 from .task import Task
 from .vm_object import ObjectTable, VMObject
 from .vm_page import Page, ResidentMemory
-from .vm_pageout import make_room
+from .vm_pageout import make_room, pageout_daemon
 
 MIN_PAGE_SIZE = 4096
 
@@ -45,6 +45,7 @@ class KernelStats:
     data_returns: int = 0
     pages_returned: int = 0
     evictions: int = 0
+    pageout_daemon_runs: int = 0
     partial_pages_discarded: int = 0
     refused_calls: int = 0
 
@@ -53,7 +54,15 @@ class KernelStats:
 
 
 class Kernel:
-    def __init__(self, name: str, page_size: int = MIN_PAGE_SIZE, memory_pages: int = 1024, *, cluster_pages: int = 1) -> None:
+    def __init__(
+        self,
+        name: str,
+        page_size: int = MIN_PAGE_SIZE,
+        memory_pages: int = 1024,
+        *,
+        cluster_pages: int = 1,
+        pageout_cluster: int = 16,
+    ) -> None:
         if page_size < MIN_PAGE_SIZE or page_size & (page_size - 1):
             raise KernInvalidArgument(f"page size {page_size} must be a power of two ≥ {MIN_PAGE_SIZE}", page_size=page_size)
         if memory_pages < 1:
@@ -63,6 +72,8 @@ class Kernel:
         self.name = name
         self.page_size = page_size
         self.cluster_pages = cluster_pages
+        # Pages evicted (and returned) together; never more than a quarter of memory.
+        self.pageout_cluster = max(1, min(pageout_cluster, memory_pages // 4))
         self.resident = ResidentMemory(memory_pages)
         self.stats = KernelStats()
         self.events: deque[str] = deque(maxlen=1000)
@@ -147,11 +158,15 @@ class Kernel:
 
 
 @asynccontextmanager
-async def boot(name: str, page_size: int = MIN_PAGE_SIZE, memory_pages: int = 1024, *, cluster_pages: int = 1) -> AsyncIterator[Kernel]:
-    """Run a kernel for the duration of the block; it shuts down in order at the end."""
-    kernel = Kernel(name, page_size, memory_pages, cluster_pages=cluster_pages)
+async def boot(
+    name: str, page_size: int = MIN_PAGE_SIZE, memory_pages: int = 1024, *, cluster_pages: int = 1, pageout_cluster: int = 16
+) -> AsyncIterator[Kernel]:
+    """Run a kernel for the duration of the block, with its pageout daemon; it shuts down in
+    order at the end."""
+    kernel = Kernel(name, page_size, memory_pages, cluster_pages=cluster_pages, pageout_cluster=pageout_cluster)
     async with trio.open_nursery() as nursery:
         kernel.nursery = nursery  # the home of the kernel's daemons
+        nursery.start_soon(pageout_daemon, kernel)
         try:
             yield kernel
         finally:

@@ -84,8 +84,13 @@ class ResidentMemory:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._lru: OrderedDict[Page, None] = OrderedDict()
-        self.high_water = 0
+        self.peak = 0  # the most pages ever resident at once
         self._waiting = trio.lowlevel.ParkingLot()
+        # The pageout daemon's marks: it wakes below `low_water` free frames and evicts until
+        # `high_water` are free.
+        self.low_water = max(1, limit // 32)
+        self.high_water = max(2, limit // 16) if limit > 2 else 1
+        self._pageout = trio.lowlevel.ParkingLot()
 
     @property
     def count(self) -> int:
@@ -99,8 +104,10 @@ class ResidentMemory:
         if len(self._lru) >= self.limit:
             raise AssertionError("page inserted beyond the memory limit; pageout must make room first")
         self._lru[page] = None
-        if len(self._lru) > self.high_water:
-            self.high_water = len(self._lru)
+        if len(self._lru) > self.peak:
+            self.peak = len(self._lru)
+        if self.limit - len(self._lru) < self.low_water and self._pageout:
+            self._pageout.unpark()
 
     def remove(self, page: Page) -> None:
         if page in self._lru:
@@ -114,6 +121,11 @@ class ResidentMemory:
 
     async def wait_for_change(self) -> None:
         await self._waiting.park()
+
+    async def wait_for_pageout(self) -> None:
+        """Until free frames fall below the low-water mark."""
+        while self.free >= self.low_water:
+            await self._pageout.park()
 
     def any_absent(self) -> bool:
         return any(page.absent for page in self._lru)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import itertools
 from typing import TYPE_CHECKING
 
+import trio
+
 from .interface import KernResourceShortage, MachSendInvalidDest
 from .messages import MemoryObjectDataReturn
 
@@ -52,28 +54,64 @@ def return_pages(object: VMObject, pages: list[Page], *, kernel_copy: bool) -> N
             return
 
 
-def reclaim(kernel: Kernel) -> bool:
-    """Free one page frame, least recently used first; False when none can go."""
+def _evictable(page: Page) -> bool:
+    # Anonymous data has nowhere to go until a default memory manager exists ([4/8]).
+    return not page.absent and not page.object.internal and page.object.alive
+
+
+def _cluster(page: Page, limit: int) -> list[Page]:
+    """`page` and the evictable pages adjacent to it in its object, up to `limit`, by offset."""
+    object = page.object
+    page_size = object.kernel.page_size
+    run = [page]
+    offset = page.offset + page_size
+    while len(run) < limit and (neighbour := object.pages.get(offset)) is not None and _evictable(neighbour):
+        run.append(neighbour)
+        offset += page_size
+    offset = page.offset - page_size
+    while len(run) < limit and (neighbour := object.pages.get(offset)) is not None and _evictable(neighbour):
+        run.insert(0, neighbour)
+        offset -= page_size
+    return run
+
+
+def reclaim(kernel: Kernel) -> int:
+    """Evict the least recently used evictable page and a cluster of its neighbours: dirty
+    pages and clean precious ones go back to the manager (adjacent ones in one message),
+    other clean ones are dropped.  Returns how many frames were freed (0: none can go)."""
     resident = kernel.resident
     candidates = resident.oldest(_SCAN_FIRST)
     if len(candidates) == _SCAN_FIRST:
         candidates = itertools.chain(candidates, resident.oldest(resident.count)[_SCAN_FIRST:])  # type: ignore[assignment]
     for page in candidates:
-        if page.absent:
+        if not _evictable(page):
             continue
         object = page.object
-        if object.internal:
-            # Anonymous data has nowhere to go until a default memory manager exists ([4/8]).
-            continue
-        if page.dirty or page.precious:
-            return_pages(object, [page], kernel_copy=False)
-        kernel.objects.free_page(page)
-        kernel.stats.evictions += 1
+        run = _cluster(page, kernel.pageout_cluster)
+        return_pages(object, [p for p in run if p.dirty or p.precious], kernel_copy=False)
+        for evicted in run:
+            kernel.objects.free_page(evicted)
+        kernel.stats.evictions += len(run)
         if not object.pages and object in kernel.objects.cached:
             # A cached object no task maps, with nothing left in memory: let it go.
             kernel.objects.terminate(object)
-        return True
-    return False
+        return len(run)
+    return 0
+
+
+async def pageout_daemon(kernel: Kernel) -> None:
+    """Keep some frames free: when fewer than the low-water mark are, evict until the
+    high-water mark is reached, so faults rarely have to page out themselves."""
+    resident = kernel.resident
+    while True:
+        await resident.wait_for_pageout()
+        while resident.free < resident.high_water:
+            if not reclaim(kernel):
+                # Everything resident is being paged in or cannot go: wait for that to change.
+                await resident.wait_for_change()
+                break
+            kernel.stats.pageout_daemon_runs += 1
+            await trio.lowlevel.checkpoint()
 
 
 def make_room(kernel: Kernel) -> None:

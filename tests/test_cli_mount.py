@@ -175,6 +175,8 @@ def test_the_demo_narrates_a_real_mount_and_cleans_up(tmp_path):
         "hello -> k2 memory_object_data_unavailable(offset=0x4000 size=16384)",
         "k1 -> hello memory_object_data_unlock(",
         "Written by a task in kernel k1",
+        "0x0 4096 r-- precious",
+        "k2> read hello+64 30 text\n    ok read 0x10040 30 'SHELLen by a task in kernel k1'",
         "Unmounted",
     ):
         assert text in out, text

@@ -396,7 +396,7 @@ async def test_clean_pages_are_dropped_under_the_memory_limit():
         for page in range(64):
             assert await task.read(address + page * PAGE, 1) == manager.pattern(page * PAGE, 1)
             assert kernel.resident.count <= 4
-        assert kernel.resident.high_water == 4
+        assert kernel.resident.peak == 4
         assert manager.messages(m.MemoryObjectDataReturn) == []
 
 

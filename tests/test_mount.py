@@ -53,7 +53,7 @@ def test_a_kernel_maps_and_faults_and_the_shell_sees_it(mounted):
     assert re.fullmatch(r"\d+\n", (kernel / "name").read_text())
     assert (kernel / "control").read_text() != (kernel / "name").read_text()
     assert (kernel / "ready").read_text() == "may_cache=0 copy=delay\n"
-    assert (kernel / "pages").read_text() == "0x0 4096 r-- -\n"
+    assert (kernel / "pages").read_text() == "0x0 4096 r-- precious\n"
     # the name port vm_region reports is the one in the name file
     region = mounted.command("k1 region hello")
     assert f"name={(kernel / 'name').read_text().strip()}" in region
@@ -64,10 +64,10 @@ def test_a_kernel_maps_and_faults_and_the_shell_sees_it(mounted):
     assert any(re.search(r" k1 -> hello memory_object_init\(control=\d+ name=\d+ page_size=4096\)$", line) for line in lines)
     # a write: the page becomes writable in the pagemap, and the data reaches the store on sync
     mounted.command("k1 write hello+100 written by a task")
-    assert (kernel / "pages").read_text() == "0x0 4096 rw- dirty\n"
+    assert (kernel / "pages").read_text() == "0x0 4096 rw- dirty,precious\n"
     sh(f"echo sync > {obj}/ctl")
     assert sh(f"dd if={obj}/data bs=1 skip=100 count=17 status=none").stdout == "written by a task"
-    assert (kernel / "pages").read_text() == "0x0 4096 r-- -\n"
+    assert (kernel / "pages").read_text() == "0x0 4096 r-- precious\n"
     # unmapping terminates: the kernel's directory goes
     mounted.command("k1 unmap hello")
     wait_until(lambda: not (obj / "kernels" / "k1").exists(), what="kernels/k1 to go")
@@ -85,9 +85,9 @@ def test_two_kernels_with_their_own_page_sizes(mounted):
     assert mounted.command("k2 read hello+70000 1").endswith(" 00")
     assert sh(f"ls {obj}/kernels").stdout.split() == ["k1", "k2"]
     assert (obj / "kernels/k2/page_size").read_text() == "16384\n"
-    assert (obj / "kernels/k1/pages").read_text() == "0x4000 4096 r-- -\n"
+    assert (obj / "kernels/k1/pages").read_text() == "0x4000 4096 r-- precious\n"
     # k2's pages are 16 KiB ones: 20000 lies in [16384, 32768); 70000 in an unwritten hole
-    assert (obj / "kernels/k2/pages").read_text() == "0x4000 16384 r-- -\n0x10000 16384 rw- dirty\n"
+    assert (obj / "kernels/k2/pages").read_text() == "0x4000 16384 r-- precious\n0x10000 16384 rw- dirty\n"
     requests = [line for line in trace_lines(mnt) if "k2 -> hello memory_object_data_request" in line]
     assert all(int(re.search(r"offset=(0x[0-9a-f]+)", line).group(1), 16) % 16384 == 0 for line in requests)
     assert any("hello -> k2 memory_object_data_unavailable(offset=0x10000 size=16384)" in line for line in trace_lines(mnt))

@@ -13,6 +13,7 @@ from fusepager.pager import Pager, PagerCallbacks, PagerError
 from kernelsim.interface import (
     KERN_MEMORY_FAILURE,
     MEMORY_OBJECT_COPY_CALL,
+    VM_PROT_EXECUTE,
     VM_PROT_READ,
     VM_PROT_WRITE,
     KernMemoryError,
@@ -220,7 +221,7 @@ async def test_offer_page_and_change_attributes_and_destroy():
     store = MemoryObject()
     async with served(store, ("k1", PAGE, 32)) as (pager, [(kernel, task, address)]):
         await task.read(address, 1)
-        assert pager.offer_page(2 * PAGE, b"offered".ljust(PAGE, b"\0")) == 1
+        assert await pager.offer_page(2 * PAGE, b"offered".ljust(PAGE, b"\0")) == 1
         assert await task.read(address + 2 * PAGE, 7) == b"offered"
         assert not any(c == ("read", 2 * PAGE, PAGE) for c in store.calls)
         await pager.change_attributes(True, MEMORY_OBJECT_COPY_CALL)
@@ -229,3 +230,96 @@ async def test_offer_page_and_change_attributes_and_destroy():
         pager.destroy(KERN_MEMORY_FAILURE)
         with pytest.raises(KernMemoryError):
             await task.read(address + 5 * PAGE, 1)
+
+
+# -- coherence and robustness -------------------------------------------------------------
+
+
+async def test_a_write_grant_takes_the_range_from_every_other_kernel_first():
+    store = MemoryObject()
+    store.put(0, bytes(8 * PAGE))
+    async with served(store, ("k1", PAGE, 32), ("k2", 4 * PAGE, 32)) as (pager, [(k1, t1, a1), (k2, t2, a2)]):
+        await t2.write(a2 + PAGE + 7, b"k2 wrote")  # k2 holds [0, 16K) writable
+        await t1.write(a1 + PAGE, b"k1")  # k1's write grant flushes k2's 16 KiB page first
+        assert store.data[PAGE + 7 : PAGE + 15] == b"k2 wrote"  # k2's change came back on the way
+        assert await t1.read(a1 + PAGE + 7, 8) == b"k2 wrote"
+        record2 = next(r for r in pager.kernels.values() if r.host == "k2")
+        assert len(record2.pagemap) == 0 and k2.resident.count == 0
+        assert await t2.read(a2 + PAGE, 2) == b"k1"  # and k2 reads k1's write: k1 is cleaned
+
+
+async def test_a_read_grant_cleans_the_writer_which_keeps_a_read_only_copy():
+    store = MemoryObject()
+    store.put(0, bytes(4 * PAGE))
+    async with served(store, ("k1", PAGE, 32), ("k2", PAGE, 32)) as (pager, [(k1, t1, a1), (k2, t2, a2)]):
+        await t1.write(a1, b"first")
+        assert await t2.read(a2, 5) == b"first"
+        record1 = next(r for r in pager.kernels.values() if r.host == "k1")
+        assert record1.pagemap.get(0).access == VM_PROT_READ and k1.resident.count == 1
+        unlocks = k1.stats.unlocks
+        await t1.write(a1, b"again")  # k1 must ask again; k2's copy goes
+        assert k1.stats.unlocks == unlocks + 1
+        assert await t2.read(a2, 5) == b"again"
+
+
+async def test_a_manager_lock_adds_to_the_write_lock_of_a_read_only_page():
+    store = MemoryObject()
+    store.put(0, bytes(PAGE))
+    async with served(store, ("k1", PAGE, 32)) as (pager, [(kernel, task, address)]):
+        await task.read(address, 1)  # read-only: write-locked in the kernel
+        await pager.lock(0, PAGE, VM_PROT_EXECUTE)
+        unlocks = kernel.stats.unlocks
+        await task.write(address, b"w")  # still has to ask: the lock did not drop the write lock
+        assert kernel.stats.unlocks == unlocks + 1
+        await pager.sync()
+        assert store.data[:1] == b"w"
+
+
+async def test_a_refused_unlock_fails_the_task_instead_of_leaving_it_waiting():
+    class NoWrites(MemoryObject):
+        async def unlock_pages(self, offset, length, access):
+            raise PagerError("read-only object", KERN_MEMORY_FAILURE)
+
+    store = NoWrites()
+    store.put(0, bytes(PAGE))
+    async with served(store, ("k1", PAGE, 32)) as (pager, [(kernel, task, address)]):
+        await task.read(address, 1)
+        with trio.fail_after(5), pytest.raises(KernMemoryError) as failure:
+            await task.write(address, b"no")
+        assert failure.value.reason == KERN_MEMORY_FAILURE
+        assert await task.read(address, 1) == b"\0"  # reading still works
+
+
+async def test_a_callback_that_breaks_fails_its_request_not_the_pager():
+    class Buggy(MemoryObject):
+        async def read_pages(self, offset, length):
+            if offset == 2 * PAGE:
+                raise ValueError("a bug in the author's code")
+            if offset == 3 * PAGE:
+                return b"short"
+            return await super().read_pages(offset, length)
+
+    store = Buggy()
+    store.put(0, b"x" * (8 * PAGE))
+    async with served(store, ("k1", PAGE, 32)) as (pager, [(kernel, task, address)]):
+        for page in (2, 3):
+            with pytest.raises(KernMemoryError) as failure:
+                await task.read(address + page * PAGE, 1)
+            assert failure.value.reason == KERN_MEMORY_FAILURE
+        assert await task.read(address + 4 * PAGE, 1) == b"x"  # the pager still serves
+        text = pager.trace.read(0, 1 << 20).decode()
+        assert "ValueError: a bug in the author's code" in text and "returned 5 bytes for 4096" in text
+
+
+async def test_offer_page_skips_kernels_that_hold_the_page():
+    store = MemoryObject()
+    store.put(0, b"held".ljust(PAGE, b"\0"))
+    async with served(store, ("k1", PAGE, 32)) as (pager, [(kernel, task, address)]):
+        await task.write(address, b"HELD")
+        assert await pager.offer_page(0, bytes(PAGE)) == 0
+        # the offer first cleaned the writer (a read-only copy may only go out then) and then
+        # left it alone: its page and its write are intact
+        (record,) = pager.kernels.values()
+        assert record.pagemap.get(0).access == VM_PROT_READ
+        assert store.data[:4] == b"HELD"
+        assert await task.read(address, 4) == b"HELD"

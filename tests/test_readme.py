@@ -50,7 +50,8 @@ def test_the_readme_walkthrough_works_as_written(tmp_path):
     assert seen["cat /tmp/mnt/objects/hello/kernels/k1/page_size"] == "4096\n"
     assert seen["cat /tmp/mnt/objects/hello/kernels/k1/ready"] == "may_cache=0 copy=delay\n"
     pages = [text for line, text in outputs if line == "cat /tmp/mnt/objects/hello/kernels/k1/pages"]
-    assert pages == ["0x0 4096 r-- -\n", "0x0 4096 rw- dirty\n"]
+    # read-only after the read; writable after the write; read-only again after cat cleaned it
+    assert pages == ["0x0 4096 r-- precious\n", "0x0 4096 rw- dirty,precious\n", "0x0 4096 r-- precious\n"]
     trace = seen["grep memory_object /tmp/mnt/trace"]
     for kind in ("memory_object_init", "memory_object_ready", "memory_object_data_request", "memory_object_data_supply"):
         assert kind in trace
