@@ -263,7 +263,9 @@ class Pager:
             self.ready(record, self.may_cache, self.copy_strategy)
 
     def _data_request(self, record: KernelRecord, message: m.MemoryObjectDataRequest) -> None:
-        grant = self.grants.reserve(message.offset, message.length, exclusive=bool(message.desired_access & VM_PROT_WRITE))
+        # Exclusive even for reads: a hole is answered with data_unavailable, which makes the page
+        # writable in the kernel, so no two kernels may be granted the same range at once.
+        grant = self.grants.reserve(message.offset, message.length, exclusive=True)
         self._spawn(self._supply, record, message, grant, time.perf_counter())
 
     async def _supply(self, record: KernelRecord, request: m.MemoryObjectDataRequest, grant: Reservation, started: float) -> None:
@@ -335,6 +337,21 @@ class Pager:
         lock_value = VM_PROT_NONE if access & VM_PROT_WRITE else VM_PROT_WRITE
         return lock_value | self._manager_lock(offset, length)
 
+    def _lock_items(self, records: Iterable[KernelRecord], offset: int, length: int, lock_value: int) -> list[tuple[KernelRecord, int, int, int]]:
+        """Lock requests putting `lock_value` on each kernel's pages of the range, plus the
+        manager's own locks exactly where they are (a lock replaces the one before it)."""
+        items = []
+        for record in records:
+            start, size = record.round(offset, length)
+            cuts = {start, start + size}
+            for lock_start, lock_length in self.manager_locks:
+                low, rounded = record.round(lock_start, lock_length)
+                cuts.update(edge for edge in (low, low + rounded) if start < edge < start + size)
+            edges = sorted(cuts)
+            for low, high in zip(edges, edges[1:]):
+                items.append((record, low, high - low, lock_value | self._manager_lock(low, high - low)))
+        return items
+
     def _manager_lock(self, offset: int, length: int) -> int:
         lock = VM_PROT_NONE
         end = offset + length
@@ -348,7 +365,7 @@ class Pager:
             record.pending_unlocks.append(message)
             self.trace.line(f"{self.name} holds unlock from {record.label}: range locked with 'lock'")
             return
-        grant = self.grants.reserve(message.offset, message.length, exclusive=bool(message.desired_access & VM_PROT_WRITE))
+        grant = self.grants.reserve(message.offset, message.length, exclusive=True)
         self._spawn(self._unlock, record, message, grant)
 
     async def _unlock(self, record: KernelRecord, message: m.MemoryObjectDataUnlock, grant: Reservation) -> None:
@@ -373,16 +390,22 @@ class Pager:
                 return
             if record.control.name not in self.kernels:
                 return
-            lock_value = self._lock_value(offset, length, access)
-            unlock = m.MemoryObjectLockRequest(
-                offset=offset, size=length, should_return=MEMORY_OBJECT_RETURN_NONE, should_flush=False, lock_value=lock_value, reply_to=None
-            )
-            # If the kernel lost the pages meanwhile, this changes nothing there and its fault
-            # comes back as a data_request for write.
-            if self._send(record, unlock):
-                record.pagemap.set_access(offset, length, access & ~lock_value)
-                if access & ~lock_value & VM_PROT_WRITE:
-                    self._changed_data("write_granted", offset, length)
+            # Run by run, the kernel keeps whatever write access it already had (its changes
+            # must not look clean); if it lost the pages meanwhile, this changes nothing there
+            # and its fault comes back as a data_request.
+            runs = [(o, n, a) for o, n, a, _ in record.pagemap.ranges() if o < offset + length and offset < o + n] or [(offset, length, VM_PROT_READ)]
+            for run_offset, run_length, held in runs:
+                low, high = max(offset, run_offset), min(offset + length, run_offset + run_length)
+                wanted = access | (held & VM_PROT_WRITE)
+                lock_value = self._lock_value(low, high - low, wanted)
+                unlock = m.MemoryObjectLockRequest(
+                    offset=low, size=high - low, should_return=MEMORY_OBJECT_RETURN_NONE, should_flush=False, lock_value=lock_value, reply_to=None
+                )
+                if not self._send(record, unlock):
+                    return
+                record.pagemap.set_access(low, high - low, wanted & ~lock_value)
+                if wanted & ~lock_value & VM_PROT_WRITE:
+                    self._changed_data("write_granted", low, high - low)
 
     def _data_return(self, record: KernelRecord, message: m.MemoryObjectDataReturn) -> None:
         length = len(message.data)
@@ -533,8 +556,7 @@ class Pager:
             await self._lock_request(holders, offset, length, MEMORY_OBJECT_RETURN_DIRTY, True, VM_PROT_NONE)
         else:
             writers = [r for r in others if r.pagemap.writable(offset, length)]
-            lock_value = VM_PROT_WRITE | self._manager_lock(offset, length)
-            await self._lock_request(writers, offset, length, MEMORY_OBJECT_RETURN_DIRTY, False, lock_value)
+            await self._lock_requests(self._lock_items(writers, offset, length, VM_PROT_WRITE), MEMORY_OBJECT_RETURN_DIRTY, False)
 
     def _changed_data(self, kind: str, offset: int, length: int) -> None:
         if self.on_change is not None:
@@ -573,14 +595,8 @@ class Pager:
     async def sync(self, offset: int = 0, length: int | None = None) -> None:
         """Bring back every change kernels hold in the range; they keep read-only copies."""
         length = await self._length(offset, length)
-        await self._lock_request(
-            self._holding(offset, length, writable_only=True),
-            offset,
-            length,
-            MEMORY_OBJECT_RETURN_DIRTY,
-            False,
-            VM_PROT_WRITE | self._manager_lock(offset, length),
-        )
+        items = self._lock_items(self._holding(offset, length, writable_only=True), offset, length, VM_PROT_WRITE)
+        await self._lock_requests(items, MEMORY_OBJECT_RETURN_DIRTY, False)
 
     async def flush(self, offset: int = 0, length: int | None = None) -> None:
         """Changes come back and every kernel drops the range."""
@@ -664,7 +680,11 @@ class Pager:
 
     async def shutdown(self) -> None:
         """Bring everything back, tell every kernel to let go, and wait for their terminates."""
-        await self.return_()
+        try:
+            await self.return_()
+        except LockTimeout as error:
+            # A kernel that does not answer is told to let go all the same.
+            self.trace.line(f"{self.name} shutdown: {error}")
         self.destroy(KERN_MEMORY_ERROR)
         with trio.move_on_after(LOCK_TIMEOUT):
             while self.kernels:

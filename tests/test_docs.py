@@ -1,4 +1,4 @@
-"""docs/pager-api.md: its complete example runs as written and prints what the page shows."""
+"""docs/pager-api.md: its examples run as written and print what the page shows."""
 
 from __future__ import annotations
 
@@ -24,12 +24,26 @@ def without_port_names(line: str) -> str:
     return re.sub(r"\b(control|name|reply_to)=\d+", r"\1=N", line)
 
 
-def test_the_complete_example_runs_and_prints_what_the_doc_shows(tmp_path):
-    script = tmp_path / "minimal_pager.py"
-    script.write_text(marked_block("example: minimal-pager"))
+def run_example(name: str, tmp_path: Path) -> list[str]:
+    script = tmp_path / f"{name}.py"
+    script.write_text(marked_block(f"example: {name}"))
     result = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, f"the example failed:\n{result.stdout}\n{result.stderr}"
-    out = result.stdout.splitlines()
+    assert result.returncode == 0, f"the example {name} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout.splitlines()
+
+
+def assert_output_is_shown(name: str, out: list[str]) -> None:
+    # Lines from concurrent tasks may swap (the doc says so), so compare as multisets, and the
+    # example's own prints in order.
+    shown = marked_block(f"example-output: {name}").splitlines()
+    assert Counter(map(without_port_names, out)) == Counter(map(without_port_names, shown)), (
+        f"the output of the example {name} differs from what docs/pager-api.md shows:\n" + "\n".join(out)
+    )
+    assert [line for line in out if not line.startswith(" ")] == [line for line in shown if not line.startswith(" ")]
+
+
+def test_the_complete_example_runs_and_prints_what_the_doc_shows(tmp_path):
+    out = run_example("minimal-pager", tmp_path)
 
     # What the page says happened, in order: the read came from the callbacks, the hole was
     # zero-filled, the write was asked for with data_unlock, and sync returned only after the
@@ -46,10 +60,28 @@ def test_the_complete_example_runs_and_prints_what_the_doc_shows(tmp_path):
     assert out[read_back + 1] == "k1 holds: ['0x0 4096 r-- -', '0x5000 4096 r-- -']"
     assert "memory_object_terminate(" in out[-1]
 
-    # And the output shown on the page, line for line.  Lines from concurrent tasks may swap
-    # (the doc says so), so compare as multisets, and the example's own prints in order.
-    shown = marked_block("example-output: minimal-pager").splitlines()
-    assert Counter(map(without_port_names, out)) == Counter(map(without_port_names, shown)), (
-        "the example's output differs from what docs/pager-api.md shows:\n" + result.stdout
-    )
-    assert [line for line in out if not line.startswith(" ")] == [line for line in shown if not line.startswith(" ")]
+    # And the output shown on the page, line for line.
+    assert_output_is_shown("minimal-pager", out)
+
+
+def test_the_two_kernel_example_shows_coherence(tmp_path):
+    out = run_example("two-kernels", tmp_path)
+
+    def index(fragment: str, start: int = 0) -> int:
+        return next(i for i in range(start, len(out)) if fragment in out[i])
+
+    # k2's read cleans k1 first (k1 keeps a read-only copy), and k1's change is stored before
+    # k2 is supplied, so k2 reads it.
+    request = index("k2 -> shared memory_object_data_request(")
+    clean = index("shared -> k1 memory_object_lock_request(offset=0x0 size=16384 should_return=dirty should_flush=0 lock_value=-w-", request)
+    stored = index("write_pages(0x1000, <4096 bytes>)", clean)
+    supplied = index("shared -> k2 memory_object_data_supply(offset=0x0 data=<16384 bytes> lock_value=-w-", clean)
+    assert stored < supplied < out.index("k2 reads: b'from k1'")
+    # k2's write takes the range from k1 (a flush) before k2's page is unlocked.
+    unlock = index("k2 -> shared memory_object_data_unlock(")
+    flush = index("shared -> k1 memory_object_lock_request(offset=0x0 size=16384 should_return=dirty should_flush=1 lock_value=---", unlock)
+    assert flush < index("shared -> k2 memory_object_lock_request(offset=0x0 size=16384 should_return=none should_flush=0 lock_value=---", unlock)
+    # read_through cleans k2 and reads after its change is stored.
+    assert index("write_pages(0x0, <16384 bytes>)", flush) < out.index("store reads: b'FROM K2'")
+    assert "k1 holds: []" in out and "k2 holds: ['0x0 16384 r-- -']" in out
+    assert_output_is_shown("two-kernels", out)
