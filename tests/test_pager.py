@@ -323,3 +323,50 @@ async def test_offer_page_skips_kernels_that_hold_the_page():
         assert record.pagemap.get(0).access == VM_PROT_READ
         assert store.data[:4] == b"HELD"
         assert await task.read(address, 4) == b"HELD"
+
+
+async def test_two_kernels_reading_one_hole_at_once_are_never_both_writers():
+    store = MemoryObject()  # page 0 is a hole: answered with data_unavailable, unlocked
+    store.read_gate = trio.Event()
+    async with served(store, ("k1", PAGE, 32), ("k2", PAGE, 32)) as (pager, [(k1, t1, a1), (k2, t2, a2)]):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(t1.read, a1, 1)
+            nursery.start_soon(t2.read, a2, 1)
+            await trio.testing.wait_all_tasks_blocked()
+            store.read_gate.set()
+        writers = [r.label for r in pager.kernels.values() if r.pagemap.writable()]
+        assert len(writers) <= 1
+        await t1.write(a1, b"k1 wrote")
+        await t2.write(a2, b"k2 wrote")
+        assert await t1.read(a1, 8) == await t2.read(a2, 8) == b"k2 wrote"
+
+
+async def test_a_read_unlock_leaves_a_kernel_its_write_access_and_its_changes_are_found():
+    store = MemoryObject()
+    store.put(0, b"old!".ljust(PAGE, b"\0"))
+    async with served(store, ("k1", PAGE, 32), ("k2", PAGE, 32)) as (pager, [(k1, t1, a1), (k2, t2, a2)]):
+        await t1.write(a1, b"new!")
+        await pager.lock(0, PAGE, VM_PROT_READ)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(t1.read, a1, 4)  # its data_unlock for reading is held
+            await trio.testing.wait_all_tasks_blocked()
+            await pager.lock(0, PAGE, 0)
+        record1 = next(r for r in pager.kernels.values() if r.host == "k1")
+        assert record1.pagemap.get(0).access & VM_PROT_WRITE
+        assert await t2.read(a2, 4) == b"new!"
+        await pager.sync()
+        assert store.data[:4] == b"new!"
+
+
+async def test_a_manager_lock_applies_only_to_its_range():
+    store = MemoryObject()
+    store.put(0, bytes(8 * PAGE))
+    async with served(store, ("k1", PAGE, 32)) as (pager, [(kernel, task, address)]):
+        await task.write(address + 5 * PAGE, b"w")
+        await pager.lock(0, PAGE, VM_PROT_READ | VM_PROT_WRITE)
+        await pager.sync()
+        unlocks = kernel.stats.unlocks
+        await task.write(address + 5 * PAGE, b"x")  # write-protected by sync: asks once
+        assert kernel.stats.unlocks == unlocks + 1
+        await task.read(address + 6 * PAGE, 1)
+        assert kernel.stats.unlocks == unlocks + 1  # no read lock leaked outside [0, PAGE)
