@@ -93,8 +93,14 @@ class PagerFS(pyfuse3.Operations):
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._pending_ready: set[Node] = set()
+        self.initialized = trio.Event()  # set when Linux's FUSE_INIT has been answered
         self._invalidating: set[int] = set()
+        self._changes: dict[int, int] = {}  # per data inode: kernel changes seen ...
+        self._invalidated: dict[int, int] = {}  # ... and how many Linux's cache has caught up with
         manager.on_object_changed = self._object_changed
+
+    def init(self) -> None:
+        self.initialized.set()
 
     # -- Linux's page cache ------------------------------------------------------------------
 
@@ -102,17 +108,31 @@ class PagerFS(pyfuse3.Operations):
         """Kernels changed the object's bytes (or may now): Linux must not serve `data` from its
         cache any more, so a program with it mmapped sees the change at its next touch."""
         inode = self._inodes.get(Node("data", name))
-        if inode is None or inode in self._invalidating:
+        if inode is None:
             return
-        self._invalidating.add(inode)
-        self.manager.spawn(self._invalidate, inode)
+        self._changes[inode] = self._changes.get(inode, 0) + 1
+        if inode not in self._invalidating:
+            self._invalidating.add(inode)
+            self.manager.spawn(self._invalidate, inode)
 
     async def _invalidate(self, inode: int) -> None:
         # In a thread: the invalidation may wait for a request this loop is serving.
         try:
-            await trio.to_thread.run_sync(_invalidate_inode, inode)
+            while self._invalidated.get(inode, 0) != self._changes[inode]:
+                generation = self._changes[inode]
+                await trio.to_thread.run_sync(_invalidate_inode, inode)
+                self._invalidated[inode] = generation
         finally:
             self._invalidating.discard(inode)
+
+    def _cache_is_valid(self, node: Node) -> bool:
+        """Whether Linux's cached pages of `data` may be kept at open: none of the object's
+        changes is still waiting to be invalidated, and no kernel may be changing it now."""
+        inode = self._inodes.get(node)
+        if inode is not None and self._invalidated.get(inode, 0) != self._changes.get(inode, 0):
+            return False
+        pager = self._pager(node)
+        return pager is None or not any(record.pagemap.writable() for record in pager.kernels.values())
 
     # -- nodes -------------------------------------------------------------------------------
 
@@ -395,7 +415,10 @@ class PagerFS(pyfuse3.Operations):
         if writable and node.file == "ready":
             raise self._refuse(errno.EBUSY, f"{self._path(node)}: memory_object_ready was already sent")
         if node.kind == "data":
-            return pyfuse3.FileInfo(fh=self._new_handle(Handle(node, writable)))
+            # A new open drops Linux's cached pages unless they are known to be current, so a
+            # read(2) right after a kernel's change never sees the old bytes.
+            handle = Handle(node, writable, extra={"stored": self._store_call(self.manager.store.open, node.object)})
+            return pyfuse3.FileInfo(fh=self._new_handle(handle), keep_cache=self._cache_is_valid(node))
         content = None if node.kind == "trace" or writable else self._content(node)
         return pyfuse3.FileInfo(fh=self._new_handle(Handle(node, writable, content)), direct_io=True)
 
@@ -414,7 +437,7 @@ class PagerFS(pyfuse3.Operations):
         handle = self._handles[fh]
         node = handle.node
         if node.kind == "data":
-            stored = self.manager.store.open(node.object)
+            stored = handle.extra["stored"]
             pager = self._pager(node)
             if pager is None:
                 return self._store_call(stored.read, off, size)
@@ -430,7 +453,7 @@ class PagerFS(pyfuse3.Operations):
         if not handle.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
         if node.kind == "data":
-            stored = self.manager.store.open(node.object)
+            stored = handle.extra["stored"]
             pager = self._pager(node)
             if pager is None:
                 return self._store_call(stored.write, off, buf)

@@ -31,6 +31,9 @@ from .store import FileStore, StoreError
 log = logging.getLogger("fusepager.mount")
 
 UNMOUNT_WAIT = 30.0
+READAHEAD_KB = 1024
+"""Linux reads ahead this much of `data`: FUSE then reads in 1 MiB requests instead of 128 KiB
+ones, which is most of what sequential reads through the mount cost."""
 
 
 class MountError(Exception):
@@ -135,6 +138,27 @@ def unmount(mountpoint: str, *, wait: float = UNMOUNT_WAIT) -> str:
     return f"unmounted {mountpoint}; daemon {pid} is still finishing (kill it with: kill {pid})"
 
 
+def set_readahead(mountpoint: str, kilobytes: int) -> None:
+    """Set the mount's read-ahead through its backing device in sysfs (libfuse offers no
+    option for it).  The device number comes from /proc/self/mountinfo: a stat of the mount
+    point would ask this very process, which is not serving yet."""
+    target = os.path.abspath(mountpoint)
+    device = None
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            if fields[4].encode().decode("unicode_escape") == target:
+                device = fields[2]
+    if device is None:
+        log.warning("read-ahead left as it is: %s not found in /proc/self/mountinfo", target)
+        return
+    try:
+        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as setting:
+            setting.write(str(kilobytes))
+    except OSError as error:
+        log.warning("read-ahead left as it is (%s): %s", device, error.strerror)
+
+
 # -- the daemon ------------------------------------------------------------------------------
 
 
@@ -167,6 +191,7 @@ async def serve(
     kernels: list[KernelSpec] | None = None,
     console: bool = False,
     debug: bool = False,
+    readahead_kb: int = READAHEAD_KB,
     on_ready=None,
 ) -> None:
     """Mount, serve until unmounted or signalled, then shut down in order."""
@@ -198,13 +223,20 @@ async def serve(
                     f"manager serving store {os.path.abspath(store_path)} at {os.path.abspath(mountpoint)}"
                     + (f" with kernels {' '.join(booted)}" if booted else "")
                 )
-                with trio.CancelScope() as fuse_scope:
-                    nursery.start_soon(_cancel_on_signal, fuse_scope)
+                async def when_serving() -> None:
+                    # Linux applies its FUSE_INIT settings (read-ahead among them) when the
+                    # daemon answers FUSE_INIT: ours must come after, and "mounted" after that.
+                    await operations.initialized.wait()
+                    set_readahead(mountpoint, readahead_kb)
                     if console and booted:
                         consoles = KernelConsoles({name: Console(kernel, manager.resolve) for name, kernel in booted.items()})
                         nursery.start_soon(serve_stdin, consoles.execute)
                     if on_ready is not None:
                         on_ready()
+
+                with trio.CancelScope() as fuse_scope:
+                    nursery.start_soon(_cancel_on_signal, fuse_scope)
+                    nursery.start_soon(when_serving)
                     await pyfuse3.main()
                 manager.trace.line("manager: unmounting; kernels shut down and return their pages")
             # The kernels are down: what they returned is queued for the pagers.  Let it land.
