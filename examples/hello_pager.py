@@ -63,8 +63,8 @@ async def main(page_size: int, cluster_pages: int) -> None:
         nursery.start_soon(pager.serve)
         async with kernelsim.boot("k1", page_size=page_size, memory_pages=64, cluster_pages=cluster_pages) as kernel:
             print(f"kernel k1: {page_size}-byte pages, 64 page frames, clusters of {cluster_pages} page(s)")
-            task = kernel.task_create(name="hello")
-            address = task.vm_map(pager.port.make_send(), OBJECT_SIZE)
+            task = await kernel.task_create(name="hello")
+            address = await task.vm_map(pager.port.make_send(), OBJECT_SIZE)
             say("task", f"vm_map of the hello object at {address:#x} ({OBJECT_SIZE} bytes)")
 
             for page in (0, 2):

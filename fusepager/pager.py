@@ -19,6 +19,7 @@ Run it inside a nursery: `await nursery.start(pager.serve)`; give kernels `pager
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import deque
@@ -43,8 +44,9 @@ from kernelsim.interface import (
     VM_PROT_WRITE,
     MachSendInvalidDest,
 )
-from kernelsim.ipc_port import ReceivedMessage, SendRight, port_allocate
+from kernelsim.ipc_port import ReceivedMessage, ReceiveRight, SendRight, port_allocate
 
+from .copies import CopyStore, MemoryCopyStore
 from .pagemap import Pagemap
 from .sequencer import RangeSequencer, Reservation
 from .trace import Stats, Trace
@@ -91,6 +93,11 @@ class PagerCallbacks:
     async def pages_evicted(self, offset: int, length: int) -> None:
         """A kernel let go of these pages (they came back without a kept copy)."""
 
+    def copy_store(self, copy_id: int, length: int, page_size: int) -> CopyStore:
+        """Where copy `copy_id` (a COPY_CALL copy of `length` bytes) keeps its pages; in memory
+        unless the author keeps them somewhere better (the mount: a snapshot file)."""
+        return MemoryCopyStore(page_size)
+
 
 @dataclass
 class KernelRecord:
@@ -125,6 +132,7 @@ class _Revocation:
     start: int
     end: int
     done: trio.Event
+    kernel: KernelRecord | None = None
 
 
 @dataclass
@@ -149,6 +157,7 @@ class Pager:
         trace: Trace | None = None,
         stats: Stats | None = None,
         on_change: Callable[[str, int, int], None] | None = None,
+        port: ReceiveRight | None = None,
     ) -> None:
         self.callbacks = callbacks
         self.name = name
@@ -162,7 +171,10 @@ class Pager:
         self.on_change = on_change
         self.trace = trace or Trace()
         self.stats = stats or Stats()
-        self.port = port_allocate(f"object {name}")
+        self.port = port if port is not None else port_allocate(f"object {name}")
+        self.copies: dict[int, _Copy] = {}
+        # Called when the last kernel goes (a copy's pager ends with its copy).
+        self.on_end: Callable[[], None] | None = None
         self.kernels: dict[int, KernelRecord] = {}
         self.sequencer = RangeSequencer()
         # Grants (to kernels, and to the mount's reads and writes) on overlapping ranges happen
@@ -196,8 +208,9 @@ class Pager:
     def _dispatch(self, received: ReceivedMessage) -> None:
         message = received.message
         self.stats.received(message)
-        record = self.kernels.get(message.control.name) if hasattr(message, "control") else None
-        source = record.label if record is not None else getattr(getattr(message, "control", None), "host", "") or "?"
+        control = getattr(message, "control", None) or getattr(message, "old_control", None)
+        record = self.kernels.get(control.name) if control is not None else None
+        source = record.label if record is not None else getattr(control, "host", "") or "?"
         self.trace.message(source, self.name, message)
         handler = {
             m.MemoryObjectInit: self._init,
@@ -206,6 +219,7 @@ class Pager:
             m.MemoryObjectDataReturn: self._data_return,
             m.MemoryObjectLockCompleted: self._lock_completed,
             m.MemoryObjectTerminate: self._terminate,
+            m.MemoryObjectCopy: self._copy,
         }.get(type(message))
         if handler is None:
             self._refuse(f"{message.mach_name} is not served by this pager")
@@ -262,7 +276,17 @@ class Pager:
         if self.auto_ready:
             self.ready(record, self.may_cache, self.copy_strategy)
 
+    def _being_revoked(self, record: KernelRecord, offset: int, length: int) -> bool:
+        end = offset + length
+        return any(r.kernel is record and r.start < end and offset < r.end for r in self.revoking)
+
     def _data_request(self, record: KernelRecord, message: m.MemoryObjectDataRequest) -> None:
+        if self._being_revoked(record, message.offset, message.length):
+            # The kernel needs these pages to finish the lock request the engine is waiting
+            # for (its delayed copy takes them before they go): serve them now, read-only, as
+            # they are before the change that waits.
+            self._spawn(self._supply_for_revocation, record, message)
+            return
         # Exclusive even for reads: a hole is answered with data_unavailable, which makes the page
         # writable in the kernel, so no two kernels may be granted the same range at once.
         grant = self.grants.reserve(message.offset, message.length, exclusive=True)
@@ -278,6 +302,8 @@ class Pager:
                 if failure is not None:
                     raise failure
                 await self._revoke(offset, length, access, keep=record)
+                if access & VM_PROT_WRITE:
+                    await self._preserve(offset, length)
                 data = await self._read(offset, length)
                 if data is not None and len(data) != length:
                     raise PagerError(f"read_pages returned {len(data)} bytes for {length}", KERN_MEMORY_FAILURE)
@@ -303,6 +329,23 @@ class Pager:
             if record.pagemap.writable(offset, length):
                 self._changed_data("write_granted", offset, length)
         self.stats.served(time.perf_counter() - started)
+
+    async def _supply_for_revocation(self, record: KernelRecord, request: m.MemoryObjectDataRequest) -> None:
+        offset, length = request.offset, request.length
+        try:
+            await self._wait_for_revocations(offset, length, but=record)
+            async with self.sequencer.reserve(offset, length, exclusive=False):
+                data = await self._call(self.callbacks.read_pages, offset, length)
+            if data is not None and len(data) != length:
+                raise PagerError(f"read_pages returned {len(data)} bytes for {length}", KERN_MEMORY_FAILURE)
+        except PagerError as error:
+            self._send(record, m.MemoryObjectDataError(offset=offset, size=length, error_value=error.reason))
+            return
+        if data is None:
+            self._send(record, m.MemoryObjectDataUnavailable(offset=offset, size=length))
+        else:
+            lock_value = VM_PROT_WRITE | self._manager_lock(offset, length)
+            self._send(record, m.MemoryObjectDataSupply(offset=offset, data=data, lock_value=lock_value, precious=False, reply_to=None))
 
     async def _read(self, offset: int, length: int) -> bytes | None:
         """The author's read, after every return in flight for the range has been stored."""
@@ -377,6 +420,8 @@ class Pager:
                     return
                 # Single writer: the others give the range up first (their changes come back).
                 await self._revoke(offset, length, access, keep=record)
+                if access & VM_PROT_WRITE:
+                    await self._preserve(offset, length)
             except (PagerError, LockTimeout) as error:
                 # As libpager does: the kernel drops the page, and the fault that asks for it
                 # again gets memory_object_data_error, so the task hears of the refusal.
@@ -455,6 +500,69 @@ class Pager:
         for wait in self._lock_waits.pop(record.control.name, ()):
             wait.done.set()
         self._changed.unpark_all()
+        if not self.kernels and self.on_end is not None:
+            self.on_end()
+
+    # -- COPY_CALL copies -------------------------------------------------------------------
+
+    def _copy(self, record: KernelRecord, message: m.MemoryObjectCopy) -> None:
+        grant = self.grants.reserve(message.offset, message.length, exclusive=True)
+        self._spawn(self._make_copy, record, message, grant)
+
+    async def _make_copy(self, record: KernelRecord, message: m.MemoryObjectCopy, grant: Reservation) -> None:
+        offset, length = message.offset, message.length
+        async with grant:
+            # Other kernels' changes are part of what was copied: they come back now, and the
+            # pages go read-only, so any later change asks first (and the old page is saved).
+            others = [r for r in self.kernels.values() if r is not record and r.ready and r.pagemap.writable(offset, length)]
+            try:
+                await self._lock_requests(self._lock_items(others, offset, length, VM_PROT_WRITE), MEMORY_OBJECT_RETURN_DIRTY, False)
+            except LockTimeout as error:
+                self.trace.line(f"{self.name} copy for {record.label}: {error}")
+            copy = _Copy(next(_copy_ids), offset, length, record.page_size)
+            copy.store = self.callbacks.copy_store(copy.id, length, record.page_size)
+            copy.pager = Pager(
+                _CopyCallbacks(self, copy),
+                name=f"{self.name}~{copy.id}",
+                copy_strategy=MEMORY_OBJECT_COPY_DELAY,
+                notify_on_evict=self.notify_on_evict,
+                trace=self.trace,
+                stats=self.stats,
+                port=message.new_object,
+            )
+            copy.pager.on_end = lambda: self._copy_ended(copy)
+            self.copies[copy.id] = copy
+            self.trace.line(f"{self.name}: copy {copy.id} of {offset:#x}+{length} for {record.label}, served as {copy.pager.name}")
+            assert self._nursery is not None
+            await self._nursery.start(copy.pager.serve)
+        self._changed.unpark_all()
+
+    def _copy_ended(self, copy: _Copy) -> None:
+        if self.copies.pop(copy.id, None) is None:
+            return
+        self.trace.line(f"{self.name}: copy {copy.id} ended")
+        copy.pager.port.destroy()  # type: ignore[union-attr]
+        self._spawn(copy.store.discard)  # type: ignore[union-attr]
+        self._changed.unpark_all()
+
+    async def _preserve(self, offset: int, length: int) -> None:
+        """Before the range changes, every copy of it that has not saved its pages there yet
+        saves them, as they are now (every kernel's changes brought back first)."""
+        end = offset + length
+        for copy in [c for c in self.copies.values() if c.offset < end and offset < c.offset + c.length]:
+            page_size = copy.page_size
+            low = max(offset, copy.offset)
+            low -= (low - copy.offset) % page_size
+            high = min(end, copy.offset + copy.length)
+            missing = [o for o in range(low, high, page_size) if o - copy.offset not in copy.store.held]  # type: ignore[union-attr]
+            if not missing:
+                continue
+            writers = [r for r in self.kernels.values() if r.ready and r.pagemap.writable(low, high - low)]
+            await self._lock_requests(self._lock_items(writers, low, high - low, VM_PROT_WRITE), MEMORY_OBJECT_RETURN_DIRTY, False)
+            for page_offset in missing:
+                data = await self._read(page_offset, page_size)
+                await copy.store.write(page_offset - copy.offset, data if data is not None else bytes(page_size))  # type: ignore[union-attr]
+            self.trace.line(f"{self.name}: copy {copy.id} saved {len(missing)} page(s) from {low:#x} before they change")
 
     # -- verbs -------------------------------------------------------------------------------
 
@@ -505,7 +613,7 @@ class Pager:
             else:
                 record.pagemap.restrict(start, size, lock_value)
             if should_return != MEMORY_OBJECT_RETURN_NONE:
-                revocation = _Revocation(start, start + size, wait.done)
+                revocation = _Revocation(start, start + size, wait.done, record)
                 self.revoking.append(revocation)
                 wait.revocation = revocation
             waits.append((record, wait))
@@ -535,10 +643,10 @@ class Pager:
                 items.append((record, low, high - low, lock_value | keep))
         return items
 
-    async def _wait_for_revocations(self, offset: int, length: int) -> None:
+    async def _wait_for_revocations(self, offset: int, length: int, *, but: KernelRecord | None = None) -> None:
         end = offset + length
         while True:
-            pending = [r for r in self.revoking if r.start < end and offset < r.end]
+            pending = [r for r in self.revoking if r.start < end and offset < r.end and r.kernel is not but]
             if not pending:
                 return
             for revocation in pending:
@@ -552,7 +660,10 @@ class Pager:
         changes and keeps a read-only copy."""
         others = [r for r in self.kernels.values() if r is not keep and r.ready]
         if access & VM_PROT_WRITE:
-            holders = [r for r in others if r.pagemap.held(offset, length)]
+            # A kernel told copy=delay may hold a delayed copy that reads the range through its
+            # pages, cached or not: it is asked too, so the copy takes the old pages first.  A
+            # kernel with no copy answers at once.
+            holders = [r for r in others if r.pagemap.held(offset, length) or r.copy_strategy == MEMORY_OBJECT_COPY_DELAY]
             await self._lock_request(holders, offset, length, MEMORY_OBJECT_RETURN_DIRTY, True, VM_PROT_NONE)
         else:
             writers = [r for r in others if r.pagemap.writable(offset, length)]
@@ -582,6 +693,7 @@ class Pager:
         (its changes written first): afterwards every task sees the new bytes."""
         async with self.grants.reserve(offset, length, exclusive=True):
             await self._revoke(offset, length, VM_PROT_WRITE, keep=None)
+            await self._preserve(offset, length)
             await self._wait_for_revocations(offset, length)
             async with self.sequencer.reserve(offset, length, exclusive=True):
                 return write()
@@ -704,3 +816,47 @@ class Pager:
             return length
         end = max([await self.callbacks.report_extent()] + [r.pagemap.end() for r in self.kernels.values()])
         return max(0, end - offset)
+
+
+_copy_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class _Copy:
+    """A COPY_CALL copy of [offset, offset+length) of an object, in pages of `page_size`."""
+
+    id: int
+    offset: int
+    length: int
+    page_size: int
+    store: CopyStore | None = None
+    pager: Pager | None = None
+
+
+class _CopyCallbacks(PagerCallbacks):
+    """How a copy object is served: its own pages from its store, the others from the original
+    (they have not changed since the copy: a change saves them first)."""
+
+    def __init__(self, original: Pager, copy: _Copy) -> None:
+        self.original = original
+        self.copy = copy
+
+    async def read_pages(self, offset: int, length: int) -> bytes:
+        store = self.copy.store
+        assert store is not None
+        page_size = self.copy.page_size
+        pieces = []
+        for page_offset in range(offset, offset + length, page_size):
+            if page_offset in store.held:
+                pieces.append(await store.read(page_offset, page_size))
+            else:
+                data = await self.original._read(self.copy.offset + page_offset, page_size)
+                pieces.append(data if data is not None else bytes(page_size))
+        return b"".join(pieces)
+
+    async def write_pages(self, offset: int, data: bytes) -> None:
+        assert self.copy.store is not None
+        await self.copy.store.write(offset, data)
+
+    async def report_extent(self) -> int:
+        return self.copy.length

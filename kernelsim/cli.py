@@ -17,8 +17,8 @@ protocol (memory_object_init, memory_object_data_request, memory_object_data_sup
 Kernels are used from Python (see README.md and docs/architecture.md):
 
     async with kernelsim.boot("k1", page_size=4096, memory_pages=256) as kernel:
-        task = kernel.task_create()
-        address = task.vm_map(object_port.make_send(), 16 * 4096)
+        task = await kernel.task_create()
+        address = await task.vm_map(object_port.make_send(), 16 * 4096)
         data = await task.read(address, 100)
 """
 

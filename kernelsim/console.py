@@ -140,10 +140,10 @@ class Console:
         self.resolve = resolve
         self.tasks: dict[str, Task] = {}
         self.mappings: dict[str, dict[str, Mapping]] = {}
-        self.current = self._new_task("t1")
+        self.current: Task = None  # type: ignore[assignment]  # t1, made by the first command
 
-    def _new_task(self, name: str, parent: Task | None = None) -> Task:
-        task = self.kernel.task_create(parent, inherit_memory=parent is not None, name=name)
+    async def _new_task(self, name: str, parent: Task | None = None) -> Task:
+        task = await self.kernel.task_create(parent, inherit_memory=parent is not None, name=name)
         self.tasks[name] = task
         inherited = self.mappings.get(parent.name, {}) if parent is not None else {}
         self.mappings[name] = {key: Mapping(m.name, m.address, m.size) for key, m in inherited.items()}
@@ -167,6 +167,8 @@ class Console:
         line = line.strip()
         if not line or line.startswith("#"):
             return ""
+        if self.current is None:
+            self.current = await self._new_task("t1")
         command, _, rest = line.partition(" ")
         handler = getattr(self, f"do_{command}", None)
         if handler is None:
@@ -205,7 +207,7 @@ class Console:
             raise ConsoleError(f"task {self.current.name} already maps {name!r}; unmap it first")
         right = await self.resolve(name)
         try:
-            address = self.current.vm_map(
+            address = await self.current.vm_map(
                 right,
                 size,
                 offset,
@@ -332,7 +334,7 @@ class Console:
         name = rest.strip() or f"t{len(self.tasks) + 1}"
         if name in self.tasks:
             raise ConsoleError(f"task {name!r} exists")
-        self._new_task(name, parent=self.current)
+        await self._new_task(name, parent=self.current)
         return f"fork {name}"
 
     async def do_task(self, rest: str) -> str:

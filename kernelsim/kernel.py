@@ -1,8 +1,8 @@
 """One simulated host: its page size, its memory, its tasks and its VM objects.
 
     async with kernelsim.boot("k1", page_size=4096, memory_pages=256) as kernel:
-        task = kernel.task_create()
-        address = task.vm_map(object_port.make_send(), 4 * kernel.page_size)
+        task = await kernel.task_create()
+        address = await task.vm_map(object_port.make_send(), 4 * kernel.page_size)
         data = await task.read(address, 100)
 
 Several kernels can live in one process; each speaks to managers only through ports, so a
@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 
 import trio
 
-from .interface import VM_INHERIT_NONE, VM_INHERIT_SHARE, KernInvalidArgument, KernResourceShortage
+from .interface import VM_INHERIT_COPY, VM_INHERIT_SHARE, KernInvalidArgument, KernResourceShortage
 from .ipc_port import SendRight, port_allocate
 from .memory_object import ControlServer, NotifyServer
 from .task import Task
@@ -34,6 +34,10 @@ MIN_PAGE_SIZE = 4096
 class KernelStats:
     faults: int = 0
     inits: int = 0
+    creates: int = 0
+    copies: int = 0
+    pushes: int = 0
+    cow_faults: int = 0
     data_requests: int = 0
     pages_requested: int = 0
     pages_supplied: int = 0
@@ -96,27 +100,23 @@ class Kernel:
         """Keep a line about something the kernel did or refused, for whoever is watching."""
         self.events.append(event)
 
-    def task_create(self, parent: Task | None = None, inherit_memory: bool = True, name: str | None = None) -> Task:
+    async def task_create(self, parent: Task | None = None, inherit_memory: bool = True, name: str | None = None) -> Task:
         """A new task; with a parent and inherit_memory, its map is built from the parent's by
-        each entry's inheritance (share: the same object; none: left out)."""
+        each entry's inheritance: share (the same object), copy (a copy, as the object's copy
+        strategy says) or none (left out)."""
         task = Task(self, name)
         if parent is not None and inherit_memory:
             if parent.kernel is not self:
                 raise KernInvalidArgument("a parent task must belong to the same kernel")
-            for entry in parent.map:
-                if entry.inheritance == VM_INHERIT_NONE:
-                    continue
-                if entry.inheritance != VM_INHERIT_SHARE:
-                    raise KernInvalidArgument(
-                        f"entry at {entry.start:#x} is inherited by copy, which this kernel does not support yet; "
-                        "set VM_INHERIT_SHARE or VM_INHERIT_NONE with vm_inherit",
-                        address=entry.start,
-                    )
-            for entry in parent.map:
+            for entry in list(parent.map):
                 if entry.inheritance == VM_INHERIT_SHARE:
                     self.objects.reference(entry.object)
                     entry.is_shared = True
                     task.map.insert(dataclasses.replace(entry))
+                elif entry.inheritance == VM_INHERIT_COPY:
+                    (copy,) = await parent.copy_entries(entry.start, entry.end)
+                    self.objects.reference(copy.object)
+                    task.map.insert(copy)
         self.tasks.add(task)
         return task
 

@@ -25,6 +25,8 @@ from .interface import (
     MEMORY_OBJECT_RETURN_NONE,
     VM_PROT_ALL,
     VM_PROT_NONE,
+    VM_PROT_READ,
+    KernError,
     KernResourceShortage,
     MachSendInvalidDest,
 )
@@ -201,12 +203,19 @@ class ControlServer:
         )
 
     def data_unavailable(self, object: VMObject, message: MemoryObjectDataUnavailable) -> None:
-        """Zero-filled, unlocked pages for the absent pages of the range."""
+        """The manager has no data for the absent pages of the range: in an object that copies
+        another, they are the original's pages (the fault looks in the shadow); otherwise they
+        are zero-filled and unlocked."""
         if not self._aligned(object, message, message.offset, message.size):
             return
         page_size = self.kernel.page_size
         for page in object.pages_in_range(message.offset, message.size):
-            if page.absent:
+            if not page.absent:
+                continue
+            if object.shadow is not None:
+                object.unavailable.add(page.offset)
+                self.kernel.objects.free_page(page)
+            else:
                 page.fill(bytes(page_size), VM_PROT_NONE, precious=False)
                 self.kernel.stats.zero_fills += 1
 
@@ -235,6 +244,58 @@ class ControlServer:
             if message.reply_to is not None:
                 message.reply_to.deallocate()
             return
+        if object.lock_queue or (message.should_flush and self._copy_lacks(object, message.offset, message.size)):
+            # The object has a delayed copy that still reads these pages through it: the copy
+            # takes them before they go (which may need page-ins from the manager, who keeps
+            # serving while it waits for this lock request).  Later lock requests on the object
+            # wait their turn.
+            object.lock_queue.append(message)
+            if len(object.lock_queue) == 1:
+                self.kernel.nursery.start_soon(self._work_through_locks, object)
+            return
+        self._apply_lock(object, message)
+
+    def _copy_lacks(self, object: VMObject, offset: int, size: int) -> list[int]:
+        """The pages of the range the object's newest delayed copy still reads through it."""
+        copy = object.copy
+        if copy is None or not copy.alive:
+            return []
+        page_size = self.kernel.page_size
+        lacking = []
+        for start, end in copy.covers:
+            low, high = max(start, offset), min(end, offset + size)
+            for page_offset in range(low - low % page_size, high, page_size):
+                if not copy.has_own(page_offset):
+                    lacking.append(page_offset)
+        return lacking
+
+    async def _work_through_locks(self, object: VMObject) -> None:
+        while object.lock_queue:
+            message = object.lock_queue[0]
+            if message.should_flush and object.alive:
+                await self._push_to_copy(object, message.offset, message.size)
+            if object.alive:
+                self._apply_lock(object, message)
+            object.lock_queue.pop(0)
+
+    async def _push_to_copy(self, object: VMObject, offset: int, size: int) -> None:
+        from .vm_fault import _push_if_copied, _Restart, _WaitForMemory, fault_page
+
+        kernel = self.kernel
+        for page_offset in self._copy_lacks(object, offset, size):
+            while object.alive and object.copy is not None and not object.copy.has_own(page_offset):
+                try:
+                    page = await fault_page(object, page_offset, VM_PROT_READ)
+                    _push_if_copied(object, page_offset, page.data)
+                except _WaitForMemory as wait:
+                    await kernel.vm_page_wait(wait.shortage)
+                except _Restart:
+                    pass
+                except KernError as error:
+                    log.error("kernel %s: a delayed copy of %r lost page %#x: %s", kernel.name, object, page_offset, error)
+                    break
+
+    def _apply_lock(self, object: VMObject, message: MemoryObjectLockRequest) -> None:
         kernel = self.kernel
         page_size = kernel.page_size
         size = -(-message.size // page_size) * page_size

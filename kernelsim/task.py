@@ -27,6 +27,7 @@ from .interface import (
     KernProtectionFailure,
 )
 from .ipc_port import SendRight
+from .vm_copy import copy_range
 from .vm_fault import vm_fault
 from .vm_map import MapEntry, VMMap
 
@@ -119,7 +120,7 @@ class Task:
         self.map.insert(MapEntry(start, start + size, object, 0, VM_PROT_DEFAULT, VM_PROT_ALL, VM_INHERIT_DEFAULT))
         return start
 
-    def vm_map(
+    async def vm_map(
         self,
         memory_object: SendRight | None,
         size: int,
@@ -133,7 +134,9 @@ class Task:
         max_protection: int = VM_PROT_ALL,
         inheritance: int = VM_INHERIT_DEFAULT,
     ) -> int:
-        """Map `size` bytes of `memory_object` from `offset`; returns the address.
+        """Map `size` bytes of `memory_object` from `offset`; returns the address.  With `copy`,
+        what is mapped is a copy of that range, as the object's copy strategy says (which may
+        mean waiting for the manager's memory_object_ready).
 
         The kernel keeps its own send right to the object; a null object is anonymous memory.
         """
@@ -144,18 +147,27 @@ class Task:
             raise KernInvalidArgument(
                 f"offset {offset:#x} is not a multiple of the page size {self.kernel.page_size}", offset=offset
             )
-        if copy:
-            raise KernInvalidArgument("vm_map with copy=True is not supported by this kernel yet")
         size = self._round(size)
         start = self._place(size, address, anywhere, mask)
         if memory_object is None:
             object = self.kernel.objects.allocate_internal(size)
+            object_offset = offset
         else:
             if memory_object.dead:
                 raise KernInvalidArgument(f"memory object port {memory_object.name} is dead")
             object = self.kernel.objects.enter(memory_object)
+            object_offset = offset
+            if copy:
+                source = object
+                self.kernel.objects.reference(source)  # held while the copy is made
+                try:
+                    object, object_offset = await copy_range(source, offset, size)
+                finally:
+                    self.kernel.objects.deallocate(source)
+        if not self.map.is_free(start, start + size):
+            start = self._place(size, address, anywhere, mask)  # the map changed while we waited
         self.kernel.objects.reference(object)
-        self.map.insert(MapEntry(start, start + size, object, offset, protection, max_protection, inheritance))
+        self.map.insert(MapEntry(start, start + size, object, object_offset, protection, max_protection, inheritance))
         return start
 
     def vm_deallocate(self, address: int, size: int) -> None:
@@ -202,6 +214,51 @@ class Task:
             name=entry.object.name_port.make_send(),
             offset=entry.offset,
         )
+
+    async def copy_entries(self, start: int, end: int) -> list[MapEntry]:
+        """Copies of the entries of [start, end) (which must be wholly mapped and readable),
+        each as its object's copy strategy says; their addresses are the source's."""
+        copies = []
+        for entry in self._mapped(start, end):
+            if not entry.protection & VM_PROT_READ:
+                raise KernProtectionFailure(entry.start, VM_PROT_READ, entry.protection)
+        for entry in list(self._mapped(start, end)):
+            source = entry.object
+            self.kernel.objects.reference(source)
+            try:
+                object, offset = await copy_range(source, entry.offset, entry.size)
+            finally:
+                self.kernel.objects.deallocate(source)
+            copies.append(
+                MapEntry(entry.start, entry.end, object, offset, entry.protection, entry.max_protection, entry.inheritance)
+            )
+        return copies
+
+    async def vm_copy(self, source_address: int, size: int, dest_address: int) -> None:
+        """Copy [source, source+size) over [dest, dest+size), which must be mapped writable:
+        the destination then holds the source's contents as of now, whatever changes later."""
+        page_size = self.kernel.page_size
+        if source_address % page_size or dest_address % page_size or size % page_size:
+            raise KernInvalidArgument("vm_copy needs page-aligned addresses and size", source=source_address, size=size)
+        for entry in self._mapped(dest_address, dest_address + size):
+            if not entry.protection & VM_PROT_WRITE:
+                raise KernProtectionFailure(entry.start, VM_PROT_WRITE, entry.protection)
+        copies = await self.copy_entries(source_address, source_address + size)
+        self.vm_deallocate(dest_address, size)
+        for copy in copies:
+            shift = dest_address - source_address
+            copy.start += shift
+            copy.end += shift
+            self.kernel.objects.reference(copy.object)
+            self.map.insert(copy)
+
+    async def vm_read(self, address: int, size: int) -> bytes:
+        """The contents of the range now (Mach returns them as out-of-line memory)."""
+        return await self.read(address, size)
+
+    async def vm_write(self, address: int, data: bytes | bytearray | memoryview) -> None:
+        """Store `data` at `address` (the range must be mapped writable)."""
+        await self.write(address, data)
 
     # -- memory access -----------------------------------------------------------------------
 

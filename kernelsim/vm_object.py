@@ -2,8 +2,18 @@
 
 A VM object is the kernel's view of one memory object: the pages it holds of it, and the ports
 it talks to the manager on.  There is one VM object per memory object port per kernel, shared by
-every mapping of it in that kernel's tasks.  An internal object (anonymous memory from
-vm_allocate) has no manager yet; [4/8] gives it the default memory manager.
+every mapping of it in that kernel's tasks.
+
+An internal object is one the kernel made: anonymous memory (vm_allocate) or a copy.  It has no
+manager until the kernel first needs to page it out; then `pager_create` hands it to the default
+memory manager (memory_object_create), which pages it from there on.
+
+Copies (Mach's shadow and copy chains):
+- `shadow`: the object this one copies.  A page this object lacks (and its pager does not hold)
+  is the shadow's page at the same offset plus `shadow_offset`.  Writing it copies it here first.
+- `copy`: the newest delayed copy of this object.  Before a page of this object changes, the
+  copy takes the old page (a push), unless it already has its own; older copies see it through
+  their shadow chain (older copy → newer copy → original).
 
 Life cycle of an external object:
 
@@ -30,7 +40,7 @@ from .interface import (
     MachSendInvalidDest,
 )
 from .ipc_port import ReceiveRight, SendRight, port_allocate
-from .messages import MemoryObjectInit, MemoryObjectTerminate
+from .messages import MemoryObjectCreate, MemoryObjectInit, MemoryObjectTerminate
 from .vm_page import Page
 
 if TYPE_CHECKING:
@@ -42,11 +52,11 @@ _object_ids = itertools.count(1)
 
 
 class VMObject:
-    def __init__(self, kernel: Kernel, *, pager: SendRight | None, size: int | None) -> None:
+    def __init__(self, kernel: Kernel, *, pager: SendRight | None, size: int | None, internal: bool) -> None:
         self.kernel = kernel
         self.id = next(_object_ids)
         self.pager = pager
-        self.internal = pager is None
+        self.internal = internal
         self.size = size
         self.pages: dict[int, Page] = {}
         self.ref_count = 0
@@ -54,21 +64,40 @@ class VMObject:
         self.death_reason = 0
         self.death_message = ""
         self.pager_initialized = False
-        self.ready = self.internal
+        self.ready = internal
         self.may_cache = False
         self.copy_strategy = MEMORY_OBJECT_COPY_DELAY
         self._ready_changed: trio.Event | None = None
-        label = f"{kernel.name} object {self.id}"
-        self.name_port: ReceiveRight = port_allocate(f"{label} name", host=kernel.name)
+        self.shadow: VMObject | None = None
+        self.shadow_offset = 0
+        self.copy: VMObject | None = None
+        # A copy object's ranges of the original it must preserve (its own and older copies').
+        self.covers: list[tuple[int, int]] = []
+        # Offsets the default manager holds for an internal object (written out at least once).
+        self.existence: set[int] = set()
+        # Offsets the pager answered data_unavailable for, in an object with a shadow: the
+        # page is the shadow's.
+        self.unavailable: set[int] = set()
+        # Lock requests this object is working through (pushes to a copy may need page-ins).
+        self.lock_queue: list = []
+        self.label = f"{kernel.name} object {self.id}"
+        self.name_port: ReceiveRight = port_allocate(f"{self.label} name", host=kernel.name)
         self.name_port.set_kobject(_ignore_name_port_call)
         self.control: ReceiveRight | None = None
         self.dead_name_notify: SendRight | None = None
-        if not self.internal:
-            self.control = port_allocate(f"{label} control", host=kernel.name)
+        if not internal:
+            self.control = port_allocate(f"{self.label} control", host=kernel.name)
 
     def __repr__(self) -> str:
         kind = "internal" if self.internal else f"pager {self.pager.name}"  # type: ignore[union-attr]
         return f"<vm_object {self.id} of {self.kernel.name} ({kind})>"
+
+    def covered(self, offset: int) -> bool:
+        return any(start <= offset < end for start, end in self.covers)
+
+    def has_own(self, offset: int) -> bool:
+        """Whether this object has its own version of the page (not its shadow's)."""
+        return offset in self.pages or offset in self.existence
 
     # -- readiness ---------------------------------------------------------------------------
 
@@ -126,18 +155,54 @@ class ObjectTable:
         if object is not None and object.alive:
             self.cached.discard(object)
             return object
-        object = VMObject(self.kernel, pager=pager.copy(), size=None)
-        self.by_pager[pager.port.name] = object
-        assert object.control is not None
+        object = VMObject(self.kernel, pager=pager.copy(), size=None, internal=False)
+        self._register(object)
+        return object
+
+    def _register(self, object: VMObject) -> None:
+        assert object.control is not None and object.pager is not None
+        self.by_pager[object.pager.port.name] = object
         self.by_control[object.control.port.name] = object
         object.control.set_kobject(self.kernel.control_server.handle)
         # Learn of the manager's death from the port itself, as Mach does.
         object.dead_name_notify = self.kernel.notify_port.make_send()
-        object.pager.request_dead_name(object.dead_name_notify)  # type: ignore[union-attr]
-        return object
+        object.pager.request_dead_name(object.dead_name_notify)
 
     def allocate_internal(self, size: int) -> VMObject:
-        return VMObject(self.kernel, pager=None, size=size)
+        return VMObject(self.kernel, pager=None, size=size, internal=True)
+
+    def shadow_object(self, object: VMObject, source: VMObject, offset: int) -> None:
+        """Make `object` a copy of `source` (its shadow), at `offset` in `source`."""
+        self.reference(source)
+        object.shadow = source
+        object.shadow_offset = offset
+
+    def delayed_copy(self, source: VMObject, start: int, end: int) -> VMObject:
+        """A copy object for [start, end) of `source`, copied on write (vm_object_copy_delayed).
+        It takes the offsets of `source`; an older copy now shadows this newer one."""
+        copy = self.allocate_internal(end)
+        copy.covers = [(start, end)]
+        older = source.copy
+        self.shadow_object(copy, source, 0)
+        if older is not None and older.alive:
+            copy.covers += older.covers
+            copy.size = max(copy.size or 0, older.size or 0)
+            # older → copy → source: what older still lacks it finds in the newer copy.
+            self.reference(copy)
+            older.shadow = copy
+            self.deallocate(source)
+        source.copy = copy
+        return copy
+
+    def call_copy(self, source: VMObject, offset: int, length: int) -> tuple[VMObject, ReceiveRight]:
+        """The new object of a memory_object_copy: an object of its own memory object port
+        (whose receive right goes to the manager), falling back on `source` for the pages its
+        manager says are unavailable."""
+        port = port_allocate(f"{self.kernel.name} copy of {source.label}")
+        copy = VMObject(self.kernel, pager=port.make_send(), size=length, internal=False)
+        self._register(copy)
+        self.shadow_object(copy, source, offset)
+        return copy, port
 
     def lookup_control(self, port_name: int) -> VMObject | None:
         return self.by_control.get(port_name)
@@ -146,18 +211,25 @@ class ObjectTable:
         object.ref_count += 1
 
     def deallocate(self, object: VMObject) -> None:
-        """Drop one mapping's reference; the last one terminates the object unless cached."""
+        """Drop one reference (a mapping's, or a copy's on its shadow); the last one terminates
+        the object unless it is cached."""
         object.ref_count -= 1
         if object.ref_count > 0 or not object.alive:
             return
         if object.internal:
-            self._free_pages(object)
-            object.alive = False
-            object.name_port.destroy()
+            self.terminate(object)
         elif object.may_cache and object.ready:
             self.cached.add(object)
         else:
             self.terminate(object)
+
+    def _unchain(self, object: VMObject) -> None:
+        """The object is gone: it no longer copies its shadow."""
+        shadow, object.shadow = object.shadow, None
+        if shadow is not None:
+            if shadow.copy is object:
+                shadow.copy = None
+            self.deallocate(shadow)
 
     def uncache(self, object: VMObject) -> None:
         """The manager turned may_cache off: an unmapped cached object terminates now."""
@@ -180,15 +252,46 @@ class ObjectTable:
         except MachSendInvalidDest:
             self.manager_died(object)
 
+    def pager_create(self, object: VMObject) -> bool:
+        """memory_object_create: hand an internal object to the default memory manager, which
+        gets every right to a new memory object port (and needs no init or ready).  False if
+        there is no default manager (or it is dead)."""
+        default = self.kernel.default_memory_manager
+        if object.pager is not None:
+            return True
+        if default is None or default.dead:
+            return False
+        port = port_allocate(f"{self.kernel.name} temporary {object.id}")
+        object.pager = port.make_send()
+        object.control = port_allocate(f"{object.label} control", host=self.kernel.name)
+        object.pager_initialized = True
+        self._register(object)
+        self.kernel.stats.creates += 1
+        try:
+            default.send(
+                MemoryObjectCreate(
+                    new_object=port,
+                    new_object_size=object.size or 0,
+                    new_control=object.control.make_send(),
+                    new_name=object.name_port.make_send(),
+                    new_page_size=self.kernel.page_size,
+                )
+            )
+        except MachSendInvalidDest:
+            self.manager_died(object)
+            return False
+        return True
+
     def terminate(self, object: VMObject) -> None:
         """The kernel is done with the object: return what the manager must not lose, then
-        memory_object_terminate with every right to control and name (vm_object_terminate)."""
+        memory_object_terminate with every right to control and name (vm_object_terminate).
+        An internal object's data simply goes; its default manager is told to forget it."""
         from .vm_pageout import return_pages
 
         if not object.alive:
             return
-        pages = [page for page in sorted(object.pages.values(), key=lambda p: p.offset) if not page.absent]
-        if object.pager_initialized:
+        if not object.internal and object.pager_initialized:
+            pages = [page for page in sorted(object.pages.values(), key=lambda p: p.offset) if not page.absent]
             return_pages(object, [p for p in pages if p.dirty or p.precious], kernel_copy=False)
         self._die(object, KERN_TERMINATED, "memory object terminated")
         self._send_terminate(object)
@@ -202,8 +305,8 @@ class ObjectTable:
         """The memory object port is dead: fail everything, nobody is left to tell."""
         if object.alive:
             self._die(object, KERN_MEMORY_FAILURE, "memory manager died")
-            assert object.control is not None
-            object.control.destroy()
+            if object.control is not None:
+                object.control.destroy()
             object.name_port.destroy()
             if object.pager is not None:
                 object.pager.deallocate()
@@ -218,19 +321,25 @@ class ObjectTable:
         object.death_reason = reason
         object.death_message = message
         self.cached.discard(object)
-        assert object.pager is not None and object.control is not None
-        if self.by_pager.get(object.pager.port.name) is object:
+        if object.pager is not None and self.by_pager.get(object.pager.port.name) is object:
             del self.by_pager[object.pager.port.name]
-        self.by_control.pop(object.control.port.name, None)
-        object.control.set_kobject(None)
-        if object.dead_name_notify is not None:
+        if object.control is not None:
+            self.by_control.pop(object.control.port.name, None)
+            object.control.set_kobject(None)
+        if object.dead_name_notify is not None and object.pager is not None:
             object.pager.cancel_dead_name(object.dead_name_notify)
             object.dead_name_notify = None
+        if object.copy is not None:
+            object.copy = None
         self._free_pages(object)
         object._wake_ready_waiters()
+        self._unchain(object)
 
     def _send_terminate(self, object: VMObject) -> None:
-        assert object.pager is not None and object.control is not None
+        if object.pager is None:
+            object.name_port.destroy()
+            return
+        assert object.control is not None
         if object.pager_initialized:
             try:
                 object.pager.send(MemoryObjectTerminate(control=object.control, name=object.name_port))

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from .interface import KernResourceShortage, MachSendInvalidDest
-from .messages import MemoryObjectDataReturn
+from .messages import MemoryObjectDataInitialize, MemoryObjectDataReturn
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -26,10 +26,18 @@ _SCAN_FIRST = 32
 
 def return_pages(object: VMObject, pages: list[Page], *, kernel_copy: bool) -> None:
     """memory_object_data_return for `pages` (sorted by offset), one message per run of adjacent
-    pages with the same dirty flag.  The pages are clean afterwards."""
-    if not pages or object.pager is None or object.control is None:
+    pages with the same dirty flag.  The pages are clean afterwards.
+
+    An internal object is first handed to the default memory manager (memory_object_create);
+    the first time a page goes there it goes by memory_object_data_initialize."""
+    if not pages:
         return
     kernel = object.kernel
+    if object.internal:
+        _page_out_internal(object, pages)
+        return
+    if object.pager is None or object.control is None:
+        return
     page_size = kernel.page_size
     for _, run_iter in itertools.groupby(
         enumerate(pages), key=lambda item: (item[1].offset - item[0] * page_size, item[1].dirty)
@@ -54,9 +62,42 @@ def return_pages(object: VMObject, pages: list[Page], *, kernel_copy: bool) -> N
             return
 
 
+def _page_out_internal(object: VMObject, pages: list[Page]) -> None:
+    kernel = object.kernel
+    if not kernel.objects.pager_create(object):
+        return  # the default manager is gone: the object died with it
+    page_size = kernel.page_size
+    for _, run_iter in itertools.groupby(
+        enumerate(pages), key=lambda item: (item[1].offset - item[0] * page_size, item[1].offset in object.existence)
+    ):
+        run = [page for _, page in run_iter]
+        data = b"".join(bytes(page.data) for page in run)  # type: ignore[arg-type]
+        known = run[0].offset in object.existence
+        control = object.control.make_send()  # type: ignore[union-attr]
+        if known:
+            message = MemoryObjectDataReturn(control=control, offset=run[0].offset, data=data, dirty=True, kernel_copy=False)
+        else:
+            message = MemoryObjectDataInitialize(control=control, offset=run[0].offset, data=data)
+        for page in run:
+            page.dirty = False
+            object.existence.add(page.offset)
+        kernel.stats.data_returns += 1
+        kernel.stats.pages_returned += len(run)
+        try:
+            object.pager.send(message)  # type: ignore[union-attr]
+        except MachSendInvalidDest:
+            kernel.objects.manager_died(object)
+            return
+
+
 def _evictable(page: Page) -> bool:
-    # Anonymous data has nowhere to go until a default memory manager exists ([4/8]).
-    return not page.absent and not page.object.internal and page.object.alive
+    object = page.object
+    if page.absent or not object.alive:
+        return False
+    # Internal data (anonymous memory, copies) can only go to a default memory manager; a
+    # clean page it never changed is zeros or still with that manager, and may simply go.
+    default = object.kernel.default_memory_manager
+    return not object.internal or not page.dirty or (default is not None and not default.dead)
 
 
 def _cluster(page: Page, limit: int) -> list[Page]:

@@ -115,8 +115,8 @@ async def fault_rate(pages: int, page_size: int = 4096) -> float:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(manager)
         async with kernelsim.boot("bench", page_size, pages + 1, cluster_pages=1) as kernel:
-            task = kernel.task_create()
-            address = task.vm_map(port.make_send(), pages * page_size)
+            task = await kernel.task_create()
+            address = await task.vm_map(port.make_send(), pages * page_size)
             await task.read(address, 1)  # init and ready are not part of the rate
             start = time.perf_counter()
             for index in range(1, pages):
@@ -538,8 +538,8 @@ async def ownership_rate(transfers: int) -> float:
     async with trio.open_nursery() as nursery:
         await nursery.start(pager.serve)
         async with kernelsim.boot("k1", 4096, 64) as k1, kernelsim.boot("k2", 4096, 64) as k2:
-            tasks = [kernel.task_create() for kernel in (k1, k2)]
-            addresses = [task.vm_map(pager.send_right(), 1 << 20) for task in tasks]
+            tasks = [await kernel.task_create() for kernel in (k1, k2)]
+            addresses = [await task.vm_map(pager.send_right(), 1 << 20) for task in tasks]
             await tasks[1].write(addresses[1], b"\0")
             start = time.perf_counter()
             for index in range(transfers):
@@ -578,8 +578,8 @@ async def stream_throughput(size: int, directory: Path) -> float:
     async with trio.open_nursery() as nursery:
         await nursery.start(pager.serve)
         async with kernelsim.boot("s1", 4096, 64) as kernel:
-            task = kernel.task_create()
-            address = task.vm_map(pager.send_right(), size)
+            task = await kernel.task_create()
+            address = await task.vm_map(pager.send_right(), size)
             start = time.perf_counter()
             for offset in range(0, size, MiB):
                 await task.write(address + offset, chunk)

@@ -38,8 +38,8 @@ async def setup(manager: TestManager, *, pages: int = 8, memory: int = 64, clust
     async with trio.open_nursery() as nursery:
         nursery.start_soon(manager.run)
         async with kernelsim.boot("k1", page_size, memory, cluster_pages=cluster) as kernel:
-            task = kernel.task_create()
-            address = task.vm_map(manager.send_right(), pages * page_size)
+            task = await kernel.task_create()
+            address = await task.vm_map(manager.send_right(), pages * page_size)
             yield kernel, task, address
         nursery.cancel_scope.cancel()
 
@@ -243,7 +243,7 @@ async def test_terminate_after_the_last_mapping_returns_dirty_and_precious_pages
     manager.fill_pattern()
     manager.precious = True
     async with setup(manager, pages=4) as (kernel, task, address):
-        second = task.vm_map(manager.send_right(), PAGE)  # the same object mapped twice
+        second = await task.vm_map(manager.send_right(), PAGE)  # the same object mapped twice
         await task.read(address, 1)  # clean precious page 0
         await task.write(address + PAGE, b"dirty")  # dirty page 1
         task.vm_deallocate(address, 4 * PAGE)
@@ -269,7 +269,7 @@ async def test_may_cache_keeps_the_object_until_the_manager_uncaches_it():
         await trio.testing.wait_all_tasks_blocked()
         assert manager.messages(m.MemoryObjectTerminate) == []
         # mapped again: the cached object is reused, no new init, no new request
-        address = task.vm_map(manager.send_right(), 2 * PAGE)
+        address = await task.vm_map(manager.send_right(), 2 * PAGE)
         assert await task.read(address, 1) == manager.pattern(0, 1)
         assert len(manager.messages(m.MemoryObjectInit)) == 1
         assert len(manager.messages(m.MemoryObjectDataRequest)) == 1
@@ -313,8 +313,8 @@ async def test_seqnos_seen_by_the_manager_strictly_increase_per_port():
 
     async with trio.open_nursery() as nursery, kernelsim.boot("k1", PAGE, 8, cluster_pages=1) as kernel:
         nursery.start_soon(serve)
-        task = kernel.task_create()
-        addresses = [task.vm_map(manager.send_right(), 16 * PAGE) for manager in managers]
+        task = await kernel.task_create()
+        addresses = [await task.vm_map(manager.send_right(), 16 * PAGE) for manager in managers]
         async with trio.open_nursery() as faults:
             for page in range(16):
                 for address in addresses:
@@ -406,13 +406,13 @@ async def test_a_cached_object_goes_when_memory_pressure_takes_its_last_page():
     async with trio.open_nursery() as nursery, kernelsim.boot("k1", PAGE, 4) as kernel:
         nursery.start_soon(cached.run)
         nursery.start_soon(other.run)
-        task = kernel.task_create()
-        address = task.vm_map(cached.send_right(), 2 * PAGE)
+        task = await kernel.task_create()
+        address = await task.vm_map(cached.send_right(), 2 * PAGE)
         await task.read(address, 2 * PAGE)
         task.vm_deallocate(address, 2 * PAGE)
         await trio.testing.wait_all_tasks_blocked()
         assert cached.messages(m.MemoryObjectTerminate) == []  # cached, pages still resident
-        busy = task.vm_map(other.send_right(), 8 * PAGE)
+        busy = await task.vm_map(other.send_right(), 8 * PAGE)
         await task.read(busy, 8 * PAGE)  # needs every frame
         await cached.wait_for(m.MemoryObjectTerminate)
         assert len(kernel.objects) == 1

@@ -22,8 +22,8 @@ async def test_each_kernel_inits_with_its_own_ports_and_page_size_and_keeps_to_i
             kernelsim.boot("k8", SIZES["k8"], 64) as k8,
         ):
             kernels = [k4, k16, k8]
-            tasks = [kernel.task_create() for kernel in kernels]
-            addresses = [task.vm_map(manager.send_right(), 256 * 1024) for task in tasks]
+            tasks = [await kernel.task_create() for kernel in kernels]
+            addresses = [await task.vm_map(manager.send_right(), 256 * 1024) for task in tasks]
             # odd offsets and lengths that straddle every kernel's pages
             for start, length in [(0, 1), (5000, 30000), (16383, 2), (100000, 70000), (250000, 12144)]:
                 for task, address in zip(tasks, addresses):
@@ -52,9 +52,9 @@ async def test_two_kernels_terminate_independently():
     async with trio.open_nursery() as nursery:
         nursery.start_soon(manager.run)
         async with kernelsim.boot("a", 4096, 16) as a, kernelsim.boot("b", 16384, 16) as b:
-            task_a, task_b = a.task_create(), b.task_create()
-            address_a = task_a.vm_map(manager.send_right(), 65536)
-            address_b = task_b.vm_map(manager.send_right(), 65536)
+            task_a, task_b = await a.task_create(), await b.task_create()
+            address_a = await task_a.vm_map(manager.send_right(), 65536)
+            address_b = await task_b.vm_map(manager.send_right(), 65536)
             await task_a.write(address_a, b"from a")
             await task_b.read(address_b, 1)
             task_a.vm_deallocate(address_a, 65536)

@@ -68,8 +68,8 @@ async def served(callbacks, *kernel_specs, **pager_options):
             booted = []
             for name, page_size, memory in kernel_specs:
                 kernel = await stack.enter_async_context(kernelsim.boot(name, page_size, memory))
-                task = kernel.task_create()
-                booted.append((kernel, task, task.vm_map(pager.send_right(), len(callbacks.data))))
+                task = await kernel.task_create()
+                booted.append((kernel, task, await task.vm_map(pager.send_right(), len(callbacks.data))))
             yield pager, booted
         nursery.cancel_scope.cancel()
 
