@@ -72,7 +72,18 @@ def _mount(args: argparse.Namespace) -> int:
             print(message, flush=True)
 
     try:
-        trio.run(lambda: serve(args.store, args.mountpoint, fuse_options=options, kernels=kernels, console=args.console, debug=args.debug, on_ready=ready))
+        trio.run(
+            lambda: serve(
+                args.store,
+                args.mountpoint,
+                fuse_options=options,
+                kernels=kernels,
+                console=args.console,
+                debug=args.debug,
+                default_manager=args.default_manager,
+                on_ready=ready,
+            )
+        )
     except MountError as error:
         if args.ready_fd is not None:
             os.write(args.ready_fd, f"error {error}\n".encode())
@@ -91,6 +102,8 @@ def _daemonize(args: argparse.Namespace) -> int:
         command += ["-o", text]
     for text in args.kernel:
         command += ["--kernel", text]
+    if not args.default_manager:
+        command.append("--no-default-manager")
     log_path = daemon_log_path(args.store)
     with open(log_path, "ab") as log_file:
         child = subprocess.Popen(
@@ -145,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     mount.add_argument("-o", action="append", default=[], metavar="OPT[,OPT...]", help="FUSE mount options (e.g. -o allow_other)")
     mount.add_argument("--kernel", action="append", default=[], metavar="NAME:PAGE_SIZE[:PAGES[:CLUSTER]]", help="run a kernel in the daemon (repeatable)")
     mount.add_argument("--console", action="store_true", help="with -f: take kernel commands on stdin")
+    mount.add_argument(
+        "--no-default-manager",
+        dest="default_manager",
+        action="store_false",
+        help="do not be the in-process kernels' default memory manager (their anonymous memory then cannot be paged out)",
+    )
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     mount.set_defaults(run=_mount)
 

@@ -27,7 +27,7 @@ class CopyStore:
     async def write(self, offset: int, data: bytes) -> None:
         raise NotImplementedError
 
-    async def discard(self) -> None:
+    def discard(self) -> None:
         """The copy ended: forget it all."""
 
 
@@ -46,6 +46,6 @@ class MemoryCopyStore(CopyStore):
             self._pages[offset + index] = bytes(data[index : index + self.page_size])
             self.held.add(offset + index)
 
-    async def discard(self) -> None:
+    def discard(self) -> None:
         self._pages.clear()
         self.held.clear()

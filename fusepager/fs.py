@@ -49,6 +49,7 @@ DATA_TIMEOUT = 1.0
 before every read."""
 
 MAX_RANGE = 1 << 62
+DIRECTORIES = ("root", "objects", "object", "kernels", "snapshots", "kernel", "default", "temporary")
 KERNEL_FILES = ("page_size", "control", "name", "ready", "pages")
 OBJECT_FILES = ("data", "ctl", "kernels", "snapshots")
 CTL_HELP = f"""\
@@ -162,9 +163,30 @@ class PagerFS(pyfuse3.Operations):
                 return record
         return None
 
+    def _temporary(self, node: Node):
+        return self.manager.default.temporaries.get(int(node.file)) if node.file.isdigit() else None
+
+    def _snapshots(self, name: bytes) -> dict[str, tuple[str, object]]:
+        """The object's snapshots by file name: COPY_CALL copies the pager keeps, and the
+        default manager's temporaries that are delayed copies of it."""
+        pager = self.manager.active(name)
+        if pager is None:
+            return {}
+        found: dict[str, tuple[str, object]] = {str(ident): ("call", copy) for ident, copy in pager.copies.items()}
+        for temporary in self.manager.default.copies_of(pager.port.name):
+            found[str(temporary.id)] = ("delay", temporary)
+        return found
+
+    def _snapshot(self, node: Node) -> tuple[str, object] | None:
+        return self._snapshots(node.object).get(node.file)
+
     def _exists(self, node: Node) -> bool:
-        if node.kind in ("root", "objects", "trace", "stats"):
+        if node.kind in ("root", "objects", "trace", "stats", "default"):
             return True
+        if node.kind in ("temporary", "tdata"):
+            return self._temporary(node) is not None
+        if node.kind == "snapshot":
+            return self.manager.store.exists(node.object) and self._snapshot(node) is not None
         if not self.manager.store.exists(node.object):
             return False
         if node.kind in ("kernel", "kfile"):
@@ -177,7 +199,11 @@ class PagerFS(pyfuse3.Operations):
 
     def _children(self, node: Node) -> list[tuple[bytes, Node]]:
         if node.kind == "root":
-            return [(b"objects", Node("objects")), (b"trace", Node("trace")), (b"stats", Node("stats"))]
+            return [(b"objects", Node("objects")), (b"default", Node("default")), (b"trace", Node("trace")), (b"stats", Node("stats"))]
+        if node.kind == "default":
+            return [(str(ident).encode(), Node("temporary", file=str(ident))) for ident in sorted(self.manager.default.temporaries)]
+        if node.kind == "temporary":
+            return [(b"data", Node("tdata", file=node.file))]
         if node.kind == "objects":
             return [(name, Node("object", name)) for name in self.manager.store.names()]
         if node.kind == "object":
@@ -190,7 +216,8 @@ class PagerFS(pyfuse3.Operations):
             children = [Node("kfile", node.object, node.kernel, file) for file in KERNEL_FILES]
             return [(child.file.encode(), child) for child in children if self._exists(child)]
         if node.kind == "snapshots":
-            return []
+            names = sorted(self._snapshots(node.object), key=int)
+            return [(name.encode(), Node("snapshot", node.object, file=name)) for name in names]
         raise pyfuse3.FUSEError(errno.ENOTDIR)
 
     def _child(self, parent: Node, name: bytes) -> Node:
@@ -219,13 +246,13 @@ class PagerFS(pyfuse3.Operations):
         entry.st_gid = os.getgid()
         entry.st_blksize = 4096
         stamp = self.mounted_at
-        if node.kind in ("root", "objects", "object", "kernels", "snapshots", "kernel"):
+        if node.kind in DIRECTORIES:
             entry.st_mode = stat.S_IFDIR | 0o755
             entry.st_nlink = 2
             entry.st_size = 0
         else:
             entry.st_nlink = 1
-            entry.st_mode = stat.S_IFREG | (0o644 if node.kind in ("data", "ctl") or node.file == "ready" else 0o444)
+            entry.st_mode = stat.S_IFREG | (0o644 if node.kind in ("data", "ctl") or (node.kind == "kfile" and node.file == "ready") else 0o444)
             entry.st_size = self._size(node)
             if node.kind == "data":
                 entry.entry_timeout = DATA_TIMEOUT
@@ -239,6 +266,15 @@ class PagerFS(pyfuse3.Operations):
     def _size(self, node: Node) -> int:
         if node.kind == "data":
             return self.manager.store.open(node.object).size
+        if node.kind == "tdata":
+            temporary = self._temporary(node)
+            return temporary.size if temporary is not None else 0
+        if node.kind == "snapshot":
+            found = self._snapshot(node)
+            if found is None:
+                return 0
+            kind, thing = found
+            return thing.length if kind == "call" else thing.size  # type: ignore[attr-defined]
         if node.kind == "trace":
             return self.trace.end
         return len(self._content(node))
@@ -290,6 +326,10 @@ class PagerFS(pyfuse3.Operations):
             "object": Node("objects"),
             "kernel": Node("kernels", node.object),
             "kfile": Node("kernel", node.object, node.kernel),
+            "default": Node("root"),
+            "temporary": Node("default"),
+            "tdata": Node("temporary", file=node.file),
+            "snapshot": Node("snapshots", node.object),
         }.get(node.kind, Node("object", node.object))
 
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -333,6 +373,10 @@ class PagerFS(pyfuse3.Operations):
         }
         if node.kind in parts:
             return parts[node.kind]
+        if node.kind in ("default", "temporary", "tdata"):
+            return "/default" + (f"/{node.file}" if node.file else "") + ("/data" if node.kind == "tdata" else "")
+        if node.kind == "snapshot":
+            return f"/objects/{display_name(node.object)}/snapshots/{node.file}"
         base = f"/objects/{display_name(node.object)}"
         if node.kind == "kernel":
             return f"{base}/kernels/{node.kernel}"
@@ -408,18 +452,18 @@ class PagerFS(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
         writable = (flags & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
-        if node.kind in ("root", "objects", "object", "kernels", "snapshots", "kernel"):
+        if node.kind in DIRECTORIES:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        if writable and not (node.kind in ("data", "ctl") or node.file == "ready"):
+        if writable and not (node.kind in ("data", "ctl") or (node.kind == "kfile" and node.file == "ready")):
             raise self._refuse(errno.EROFS, f"{self._path(node)} is read-only")
-        if writable and node.file == "ready":
+        if writable and node.kind == "kfile" and node.file == "ready":
             raise self._refuse(errno.EBUSY, f"{self._path(node)}: memory_object_ready was already sent")
         if node.kind == "data":
             # A new open drops Linux's cached pages unless they are known to be current, so a
             # read(2) right after a kernel's change never sees the old bytes.
             handle = Handle(node, writable, extra={"stored": self._store_call(self.manager.store.open, node.object)})
             return pyfuse3.FileInfo(fh=self._new_handle(handle), keep_cache=self._cache_is_valid(node))
-        content = None if node.kind == "trace" or writable else self._content(node)
+        content = None if node.kind in ("trace", "tdata", "snapshot") or writable else self._content(node)
         return pyfuse3.FileInfo(fh=self._new_handle(Handle(node, writable, content)), direct_io=True)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext):
@@ -444,8 +488,52 @@ class PagerFS(pyfuse3.Operations):
             return await self._engine(node, pager.read_through(off, size, lambda: self._store_call(stored.read, off, size)))
         if node.kind == "trace":
             return self.trace.read(off, size)
+        if node.kind == "tdata":
+            temporary = self._temporary(node)
+            if temporary is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return await self._engine(node, temporary.pager.read_through(off, size, lambda: temporary.callbacks.read(off, size)))
+        if node.kind == "snapshot":
+            return await self._read_snapshot(node, off, size)
         content = handle.content or b""
         return content[off : off + size]
+
+    async def _read_snapshot(self, node: Node, off: int, size: int) -> bytes:
+        """Byte for byte what the copy's task reads: its own pages (its kernel's changes brought
+        back first), else the original's, which have not changed since the copy."""
+        found = self._snapshot(node)
+        if found is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        kind, thing = found
+        pager = self._pager(node)
+        assert pager is not None
+        length = self._size(node)
+        size = max(0, min(size, length - off))
+        if size == 0:
+            return b""
+        if kind == "call":
+            page_size = thing.page_size  # type: ignore[attr-defined]
+            low = off - off % page_size
+            high = min(length, -(-(off + size) // page_size) * page_size)
+            data = await self._engine(node, pager.copy_contents(thing.id, low, high - low))  # type: ignore[attr-defined]
+            return data[off - low : off - low + size]
+        temporary = thing
+        page_size = temporary.callbacks.page_size  # type: ignore[attr-defined]
+        low = off - off % page_size
+        high = -(-(off + size) // page_size) * page_size
+        origin_offset = temporary.origin[1]  # type: ignore[attr-defined]
+
+        async def own_or_original() -> bytes:
+            pieces = []
+            for page in range(low, high, page_size):
+                if page in temporary.callbacks.written:  # type: ignore[attr-defined]
+                    pieces.append(temporary.callbacks.read(page, page_size).ljust(page_size, b"\0"))  # type: ignore[attr-defined]
+                else:
+                    pieces.append(await pager.read_through(origin_offset + page, page_size))
+            return b"".join(pieces)
+
+        data = await self._engine(node, temporary.pager.read_through(low, high - low, own_or_original))  # type: ignore[attr-defined]
+        return data[off - low : off - low + size]
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handles[fh]
@@ -464,7 +552,7 @@ class PagerFS(pyfuse3.Operations):
                 if line.strip() or len(text.splitlines()) <= 1:
                     await self._control(node, line)
             return len(buf)
-        if node.file == "ready":
+        if node.kind == "kfile" and node.file == "ready":
             await self._ready(node, text)
             return len(buf)
         raise pyfuse3.FUSEError(errno.EBADF)

@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import trio
 
@@ -18,6 +19,8 @@ from kernelsim.interface import KERN_MEMORY_FAILURE
 from kernelsim.ipc_port import SendRight
 
 from .control import COPY_NAMES, COPY_STRATEGIES
+from .copies import CopyStore
+from .default_pager import DefaultManager
 from .pager import Pager, PagerCallbacks, PagerError
 from .store import FileStore, ObjectMeta, StoredObject, StoreError
 from .trace import Stats, Trace
@@ -55,6 +58,36 @@ class StoreCallbacks(PagerCallbacks):
     async def report_extent(self) -> int:
         return self.stored.size
 
+    def copy_store(self, copy_id: int, length: int, page_size: int) -> CopyStore:
+        """A COPY_CALL copy's pages go to STORE/objects/NAME/snapshots/ID, a sparse file."""
+        directory = os.path.join(self.stored.path, b"snapshots")
+        os.makedirs(directory, exist_ok=True)
+        return FileCopyStore(os.path.join(directory, str(copy_id).encode()), page_size)
+
+
+class FileCopyStore(CopyStore):
+    def __init__(self, path: bytes, page_size: int) -> None:
+        super().__init__(page_size)
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self.fd, length, offset).ljust(length, b"\0")
+
+    async def write(self, offset: int, data: bytes) -> None:
+        try:
+            os.pwrite(self.fd, data, offset)
+        except OSError as error:
+            raise PagerError(f"writing snapshot {os.fsdecode(self.path)}: {error.strerror}", KERN_MEMORY_FAILURE) from error
+        self.held.update(range(offset, offset + len(data), self.page_size))
+
+    def discard(self) -> None:
+        os.close(self.fd)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
 
 def display_name(name: bytes) -> str:
     return os.fsdecode(name)
@@ -66,6 +99,9 @@ class FileManager:
         self.trace = trace or Trace()
         self.stats = stats or Stats()
         self.pagers: dict[bytes, Pager] = {}
+        # Also the default memory manager of the kernels it serves: their temporaries live in
+        # STORE/default.
+        self.default = DefaultManager(Path(os.fsdecode(store.root)) / "default", self.trace, self.stats)
         self._nursery: trio.Nursery | None = None
         # Told when kernels change an object's bytes in the store or gain the right to: the
         # mount drops Linux's cached copy of its `data` file.
@@ -75,6 +111,7 @@ class FileManager:
         """Home of the pagers; runs until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await nursery.start(self.default.run)
             task_status.started()
             await trio.sleep_forever()
 
@@ -160,6 +197,19 @@ class FileManager:
 
     def close(self) -> None:
         for pager in self.pagers.values():
+            for copy in list(pager.copies.values()):
+                pager._copy_ended(copy)
             pager.port.destroy()
         self.pagers.clear()
+        self.default.close()
         self.store.close()
+
+    def pager_for_port(self, port_name: int) -> Pager | None:
+        """The pager serving memory object port `port_name` (an object's or a copy's)."""
+        for pager in self.pagers.values():
+            if pager.port.name == port_name:
+                return pager
+            for copy in pager.copies.values():
+                if copy.pager is not None and copy.pager.port.name == port_name:
+                    return copy.pager
+        return None

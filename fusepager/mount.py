@@ -192,6 +192,7 @@ async def serve(
     console: bool = False,
     debug: bool = False,
     readahead_kb: int = READAHEAD_KB,
+    default_manager: bool = True,
     on_ready=None,
 ) -> None:
     """Mount, serve until unmounted or signalled, then shut down in order."""
@@ -216,9 +217,12 @@ async def serve(
             async with AsyncExitStack() as stack:
                 booted = {}
                 for spec in kernels or []:
-                    booted[spec.name] = await stack.enter_async_context(
+                    kernel = await stack.enter_async_context(
                         kernelsim.boot(spec.name, spec.page_size, spec.memory_pages, cluster_pages=spec.cluster_pages)
                     )
+                    if default_manager:
+                        kernel.vm_set_default_memory_manager(manager.default.send_right())
+                    booted[spec.name] = kernel
                 manager.trace.line(
                     f"manager serving store {os.path.abspath(store_path)} at {os.path.abspath(mountpoint)}"
                     + (f" with kernels {' '.join(booted)}" if booted else "")

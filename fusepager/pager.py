@@ -19,12 +19,14 @@ Run it inside a nursery: `await nursery.start(pager.serve)`; give kernels `pager
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
 import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 from dataclasses import dataclass, field
 
 import trio
@@ -92,6 +94,11 @@ class PagerCallbacks:
 
     async def pages_evicted(self, offset: int, length: int) -> None:
         """A kernel let go of these pages (they came back without a kept copy)."""
+
+    async def initialize_pages(self, offset: int, data: bytes) -> None:
+        """memory_object_data_initialize (for a default manager): initial data for pages, to be
+        ignored where data exists already.  By default, the same as write_pages."""
+        await self.write_pages(offset, data)
 
     def copy_store(self, copy_id: int, length: int, page_size: int) -> CopyStore:
         """Where copy `copy_id` (a COPY_CALL copy of `length` bytes) keeps its pages; in memory
@@ -202,8 +209,17 @@ class Pager:
             self._nursery = nursery
             task_status.started()
             async for received in self.port:
-                self._dispatch(received)
+                try:
+                    self._dispatch(received)
+                except Exception:
+                    self._internal_error(f"handling {received.message.mach_name}")
             nursery.cancel_scope.cancel()
+
+    def _internal_error(self, doing: str) -> None:
+        """A bug in the engine: logged with its traceback and traced, and the pager goes on
+        serving (one object's failure must not take the whole manager down)."""
+        log.exception("pager %s: internal error while %s", self.name, doing)
+        self.trace.line(f"{self.name} INTERNAL ERROR while {doing} (see the daemon's log)")
 
     def _dispatch(self, received: ReceivedMessage) -> None:
         message = received.message
@@ -220,6 +236,7 @@ class Pager:
             m.MemoryObjectLockCompleted: self._lock_completed,
             m.MemoryObjectTerminate: self._terminate,
             m.MemoryObjectCopy: self._copy,
+            m.MemoryObjectDataInitialize: self._data_initialize,
         }.get(type(message))
         if handler is None:
             self._refuse(f"{message.mach_name} is not served by this pager")
@@ -239,7 +256,13 @@ class Pager:
 
     def _spawn(self, function, *args) -> None:
         assert self._nursery is not None, "the pager is not being served"
-        self._nursery.start_soon(function, *args)
+        self._nursery.start_soon(self._guarded, function, *args)
+
+    async def _guarded(self, function, *args) -> None:
+        try:
+            await function(*args)
+        except Exception:
+            self._internal_error(f"running {getattr(function, '__name__', function)}")
 
     def _send(self, record: KernelRecord, message: m.Message) -> bool:
         """Send a call to a kernel's control port; False when the kernel is gone."""
@@ -489,6 +512,38 @@ class Pager:
         async with reservation:
             wait.done.set()
 
+    def adopt(self, create: m.MemoryObjectCreate) -> KernelRecord:
+        """A kernel handed this (default manager's) object over with memory_object_create: it
+        counts as initialized and ready, with no memory_object_ready (the kernel assumes it)."""
+        record = KernelRecord(
+            host=create.new_control.host or f"kernel{create.new_control.name}",
+            label=create.new_control.host or f"kernel{create.new_control.name}",
+            control=create.new_control,
+            name=create.new_name,
+            page_size=create.new_page_size,
+            pagemap=Pagemap(create.new_page_size),
+            ready=True,
+            copy_strategy=self.copy_strategy,
+        )
+        self.kernels[create.new_control.name] = record
+        self._changed.unpark_all()
+        return record
+
+    def _data_initialize(self, record: KernelRecord, message: m.MemoryObjectDataInitialize) -> None:
+        """First data of a kernel-created object: stored unless data is there already."""
+        record.pagemap.remove(message.offset, len(message.data))
+        reservation = self.sequencer.reserve(message.offset, len(message.data), exclusive=True)
+        self._spawn(self._initialize, message, reservation)
+
+    async def _initialize(self, message: m.MemoryObjectDataInitialize, reservation: Reservation) -> None:
+        async with reservation:
+            try:
+                await self._call(self.callbacks.initialize_pages, message.offset, message.data)
+            except PagerError as error:
+                self.trace.line(f"{self.name} LOST initial data at {message.offset:#x}+{len(message.data)}: {error}")
+            else:
+                self._changed_data("stored", message.offset, len(message.data))
+
     def _terminate(self, record: KernelRecord, message: m.MemoryObjectTerminate) -> None:
         message.control.destroy()
         message.name.destroy()
@@ -542,7 +597,7 @@ class Pager:
             return
         self.trace.line(f"{self.name}: copy {copy.id} ended")
         copy.pager.port.destroy()  # type: ignore[union-attr]
-        self._spawn(copy.store.discard)  # type: ignore[union-attr]
+        copy.store.discard()  # type: ignore[union-attr]
         self._changed.unpark_all()
 
     async def _preserve(self, offset: int, length: int) -> None:
@@ -675,22 +730,54 @@ class Pager:
 
     # -- the mount's reads and writes --------------------------------------------------------
 
-    async def read_through(self, offset: int, length: int, read: Callable[[], bytes]) -> bytes:
-        """Run `read` (of the store, for the mount) once every kernel has given back what it
-        changed in the range: a read of `data` shows what the tasks wrote."""
+    async def read_through(self, offset: int, length: int, read: Callable[[], Any] | None = None) -> bytes:
+        """Run `read` (of the store, for the mount; it may be async) once every kernel has given
+        back what it changed in the range: a read of `data` shows what the tasks wrote.  Without
+        `read`, the author's read_pages gives the bytes (zeros where it has none)."""
+        if read is None:
+            read = functools.partial(self._read_or_zeros, offset, length)
         if not len(self.grants) and not len(self.sequencer) and not self.revoking and not any(
             record.pagemap.held(offset, length) for record in self.kernels.values()
         ):
-            return read()  # nobody holds or is moving this range: the store is the truth
+            return await _result(read())  # nobody holds or is moving this range: the store is the truth
         async with self.grants.reserve(offset, length, exclusive=False):
             await self._revoke(offset, length, VM_PROT_READ, keep=None)
             await self._wait_for_revocations(offset, length)
             async with self.sequencer.reserve(offset, length, exclusive=False):
-                return read()
+                return await _result(read())
+
+    async def _catch_up(self) -> None:
+        """Until every message already queued on the object port has been taken and its state
+        change applied: a write from the mount must not overtake, say, a memory_object_copy a
+        kernel sent before it."""
+        while self.port.port.queued:
+            await self._changed.park()
+
+    async def _read_or_zeros(self, offset: int, length: int) -> bytes:
+        data = await self._call(self.callbacks.read_pages, offset, length)
+        return data if data is not None else bytes(length)
+
+    async def copy_contents(self, copy_id: int, offset: int, length: int) -> bytes:
+        """What copy `copy_id`'s task reads in [offset, offset+length) of the copy, whole pages:
+        its own pages (the child's changes brought back first), else the original's."""
+        copy = self.copies[copy_id]
+        assert copy.pager is not None and copy.store is not None
+
+        async def own_or_original() -> bytes:
+            pieces = []
+            for page_offset in range(offset, offset + length, copy.page_size):
+                if page_offset in copy.store.held:  # type: ignore[union-attr]
+                    pieces.append(await copy.store.read(page_offset, copy.page_size))  # type: ignore[union-attr]
+                else:
+                    pieces.append(await self.read_through(copy.offset + page_offset, copy.page_size))
+            return b"".join(pieces)
+
+        return await copy.pager.read_through(offset, length, own_or_original)
 
     async def write_through(self, offset: int, length: int, write: Callable[[], T]) -> T:
         """Run `write` (of the store, for the mount) once every kernel has given up the range
         (its changes written first): afterwards every task sees the new bytes."""
+        await self._catch_up()
         async with self.grants.reserve(offset, length, exclusive=True):
             await self._revoke(offset, length, VM_PROT_WRITE, keep=None)
             await self._preserve(offset, length)
@@ -821,6 +908,11 @@ class Pager:
 _copy_ids = itertools.count(1)
 
 
+async def _result(value: Any) -> Any:
+    """A callable's result, awaited if it is a coroutine (read_through takes either kind)."""
+    return await value if inspect.isawaitable(value) else value
+
+
 @dataclass(eq=False)
 class _Copy:
     """A COPY_CALL copy of [offset, offset+length) of an object, in pages of `page_size`."""
@@ -850,8 +942,9 @@ class _CopyCallbacks(PagerCallbacks):
             if page_offset in store.held:
                 pieces.append(await store.read(page_offset, page_size))
             else:
-                data = await self.original._read(self.copy.offset + page_offset, page_size)
-                pieces.append(data if data is not None else bytes(page_size))
+                # As the original is now (every kernel's changes brought back first: the
+                # copying kernel's own changes before the copy are part of it).
+                pieces.append(await self.original.read_through(self.copy.offset + page_offset, page_size))
         return b"".join(pieces)
 
     async def write_pages(self, offset: int, data: bytes) -> None:

@@ -39,12 +39,14 @@ class MountSession:
         *,
         extra_args: list[str] = (),
         argv: list[str] | None = None,
+        allow_errors: bool = False,
     ) -> None:
         """`argv`, when given, is the whole daemon command (it must mount in the foreground
         with --console); otherwise it is built from the other arguments."""
         self.store = Path(store)
         self.mountpoint = Path(mountpoint)
         self.kernels = list(kernels)
+        self.allow_errors = allow_errors
         self.store.mkdir(parents=True, exist_ok=True)
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "fusepager", "mount", str(self.store), str(self.mountpoint), "-f", "--console"]
@@ -148,3 +150,7 @@ class MountSession:
             except BrokenPipeError:
                 pass
         self._stderr.close()
+        log = self.stderr_path.read_text(errors="replace")
+        if "Traceback (most recent call last)" in log and not self.allow_errors:
+            # The daemon survived a bug (it logs and goes on): whoever drives it must hear.
+            raise SessionError(f"the daemon logged an error:\n{log[-4000:]}")

@@ -53,7 +53,9 @@ HELP = """\
 commands (answers start with 'ok' or 'error'):
   map NAME SIZE [OFFSET] [prot=rw] [max=rwx] [inherit=copy]
                               map SIZE bytes of object NAME from OFFSET into the current task
+  allocate NAME SIZE          vm_allocate: SIZE bytes of anonymous memory, a mapping called NAME
   unmap WHERE [SIZE]          vm_deallocate (a whole mapping when WHERE is a name)
+  copy WHERE SIZE WHERE       vm_copy: the second range gets the first's contents as of now
   read WHERE LEN [text]       LEN bytes, as hex (or as a quoted string with 'text')
   write WHERE TEXT...         the rest of the line, UTF-8 (\\n, \\t, \\xNN understood)
   writehex WHERE HEX          bytes given in hex
@@ -220,6 +222,28 @@ class Console:
         rounded = self.current.vm_region(address).size
         self.mappings[self.current.name][name] = Mapping(name, address, rounded)
         return f"map {name} {address:#x} {rounded}"
+
+    async def do_allocate(self, rest: str) -> str:
+        words = rest.split()
+        if len(words) != 2:
+            raise ConsoleError("usage: allocate NAME SIZE")
+        name, size = words[0], parse_number(words[1], "size")
+        if not name or name[0].isdigit():
+            raise ConsoleError(f"bad mapping name {name!r}: it must not start with a digit")
+        if name in self.mappings[self.current.name]:
+            raise ConsoleError(f"task {self.current.name} already has a mapping {name!r}")
+        address = self.current.vm_allocate(size)
+        rounded = self.current.vm_region(address).size
+        self.mappings[self.current.name][name] = Mapping(name, address, rounded)
+        return f"allocate {name} {address:#x} {rounded}"
+
+    async def do_copy(self, rest: str) -> str:
+        words = rest.split()
+        if len(words) != 3:
+            raise ConsoleError("usage: copy WHERE SIZE WHERE")
+        source, size, destination = self.where(words[0]), parse_number(words[1], "size"), self.where(words[2])
+        await self.current.vm_copy(source, size, destination)
+        return f"copy {source:#x} {size} {destination:#x}"
 
     async def do_unmap(self, rest: str) -> str:
         words = rest.split()

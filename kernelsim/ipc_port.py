@@ -49,6 +49,7 @@ class Port:
         "name",
         "label",
         "host",
+        "origin",
         "kobject",
         "_queue",
         "_seqno",
@@ -69,6 +70,10 @@ class Port:
         # Who holds the receive right: a kernel's name for the ports it creates.  Mach keeps
         # this knowledge in the network message server; managers use it to name kernels.
         self.host = host
+        # For a temporary memory object the kernel hands a default manager: the memory object
+        # and offset it copies, if it is a delayed copy.  GNU Mach has no such field; the
+        # simulation offers it so a manager can show what a temporary preserves.
+        self.origin: tuple[SendRight, int] | None = None
         self.kobject: KObjectHandler | None = None
         self._queue: deque[Message] = deque()
         self._seqno = 0
@@ -296,8 +301,10 @@ class ReceiveRight(PortRight):
 
     async def receive(self) -> ReceivedMessage:
         """Dequeue the next message, waiting for one; it comes with the port's next seqno."""
-        self._check_valid()
         port = self.port
+        if port._dead and not port._queue:
+            raise MachRcvPortDied(port.name)
+        self._check_valid()
         if port._set is not None:
             raise KernInvalidRight(f"port {port.name} is in a port set: receive on the set", port_name=port.name)
         while not port._queue:

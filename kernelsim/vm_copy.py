@@ -6,9 +6,9 @@ its manager gave in memory_object_ready (internal objects are always copied on w
 
 - MEMORY_OBJECT_COPY_NONE: the kernel copies the data now, into a new internal object.
 - MEMORY_OBJECT_COPY_CALL: the kernel tells the manager (memory_object_copy, with a new memory
-  object whose every right it gets); the resident pages of the original are write-locked (a
-  write must now ask, so the manager can keep the old contents) and copied into the new object;
-  the manager serves the rest of the copy, and its data_unavailable means "the original's page".
+  object whose every right it gets, then memory_object_init on it); the resident pages of the
+  original are write-locked (a write must now ask, so the manager can keep the old contents);
+  the manager serves the copy, and its data_unavailable means "the original's page".
 - MEMORY_OBJECT_COPY_DELAY (and internal objects): a copy object shadows the original; a page
   is copied when either side writes it (vm_fault pushes the original's old page into the copy).
 """
@@ -82,19 +82,12 @@ def _copy_call(source: VMObject, offset: int, size: int) -> VMObject:
     kernel = source.kernel
     copy, port = kernel.objects.call_copy(source, offset, size)
     for page in source.pages_in_range(offset, size):
-        if page.absent:
-            continue
         # "Readable pages may be silently copied to the new memory object; pages not copied
-        # are locked to prevent write access": these are copied, and locked too, so a later
-        # write asks the manager, which then keeps the old contents for the copy.
-        try:
-            copied = kernel.page_alloc(copy, page.offset - offset)
-        except KernResourceShortage:
-            copied = None
-        if copied is not None:
-            copied.data = bytearray(page.data)  # type: ignore[arg-type]
-            copied.dirty = True  # the manager has not seen it for the copy yet
-        page.page_lock |= VM_PROT_WRITE
+        # are locked to prevent write access."  None is copied here: the manager then serves
+        # (and knows) every page of the copy, and a later write to the original asks first,
+        # so the manager can keep the old contents for the copy.
+        if not page.absent:
+            page.page_lock |= VM_PROT_WRITE
     try:
         source.pager.send(  # type: ignore[union-attr]
             MemoryObjectCopy(old_control=source.control.make_send(), offset=offset, length=size, new_object=port)  # type: ignore[union-attr]
@@ -102,4 +95,7 @@ def _copy_call(source: VMObject, offset: int, size: int) -> VMObject:
     except MachSendInvalidDest:
         kernel.objects.manager_died(source)
         raise KernMemoryError(offset, source.death_reason, source.death_message) from None
+    # "A memory_object_init call will be made on the new memory object after the currently
+    # cached pages of the original object are prepared": the manager hears of it at once.
+    kernel.objects.pager_init(copy)
     return copy

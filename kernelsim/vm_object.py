@@ -262,6 +262,7 @@ class ObjectTable:
         if default is None or default.dead:
             return False
         port = port_allocate(f"{self.kernel.name} temporary {object.id}")
+        port.port.origin = self._origin(object)
         object.pager = port.make_send()
         object.control = port_allocate(f"{object.label} control", host=self.kernel.name)
         object.pager_initialized = True
@@ -281,6 +282,16 @@ class ObjectTable:
             self.manager_died(object)
             return False
         return True
+
+    def _origin(self, object: VMObject) -> tuple[SendRight, int] | None:
+        """The memory object (and offset in it) an internal object copies, if any."""
+        offset, ancestor = 0, object
+        while ancestor.internal and ancestor.shadow is not None:
+            offset += ancestor.shadow_offset
+            ancestor = ancestor.shadow
+        if ancestor.internal or ancestor.pager is None or ancestor is object:
+            return None
+        return ancestor.pager.copy(), offset
 
     def terminate(self, object: VMObject) -> None:
         """The kernel is done with the object: return what the manager must not lose, then

@@ -66,7 +66,7 @@ def test_background_mount_status_and_umount(places):
     pid = daemon_pid(mnt)
     pids.append(pid)
     assert fusepager("status", str(mnt)).stdout.strip() == f"{mnt}: mounted"
-    assert sh(f"ls {mnt}").stdout.split() == ["objects", "stats", "trace"]
+    assert sh(f"ls {mnt}").stdout.split() == ["default", "objects", "stats", "trace"]
     sh(f"mkdir {mnt}/objects/a && echo hi > {mnt}/objects/a/data")
     result = fusepager("umount", str(mnt))
     assert result.returncode == 0, result.stderr

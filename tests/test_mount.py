@@ -19,7 +19,7 @@ def new_object(mnt, name="hello", size="64K"):
 
 def test_the_layout_and_objects_made_from_the_shell(mounted):
     mnt = mounted.mountpoint
-    assert sh(f"ls {mnt}").stdout.split() == ["objects", "stats", "trace"]
+    assert sh(f"ls {mnt}").stdout.split() == ["default", "objects", "stats", "trace"]
     obj = new_object(mnt)
     assert sh(f"ls {obj}").stdout.split() == ["ctl", "data", "kernels", "snapshots"]
     assert sh(f"stat -c '%s %F' {obj}/data").stdout.strip() == "65536 regular file"

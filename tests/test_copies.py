@@ -1,0 +1,157 @@
+"""Copy strategies on the real mount: a copy keeps the contents as of the copy, whoever writes
+the original afterwards, and snapshot files show what the copies hold."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import subprocess
+
+import pytest
+
+from fusepager.session import MountSession
+from kernelsim.console import pattern_bytes
+from mounting import sh, trace_lines, wait_until
+
+SIZE = 64 * 1024
+PRE_FORK = b"written by the parent before the fork"
+
+
+def child_view(session: MountSession, kernel: str = "k1", size: int = SIZE) -> bytes:
+    session.command(f"{kernel} task child")
+    data = bytes.fromhex(session.command(f"{kernel} read obj {size}").split()[-1])
+    session.command(f"{kernel} task t1")
+    return data
+
+
+def set_up(session: MountSession, strategy: str) -> tuple[bytes, bytes]:
+    """An object with strategy `strategy`, mapped by k1's task t1, written, then forked (the
+    child inherits a copy).  Returns the contents as of the fork, and the object's path."""
+    mnt = session.mountpoint
+    obj = mnt / "objects" / "obj"
+    sh(f"mkdir {obj} && truncate -s {SIZE} {obj}/data")
+    sh(f"setfattr -n user.mach.copy_strategy -v {strategy} {obj}")
+    original = pattern_bytes(1, 0, SIZE)
+    (mnt.parent / "original").write_bytes(original)
+    sh(f"dd if={mnt.parent}/original of={obj}/data conv=notrunc status=none")
+    session.command("k1 map obj 64K")
+    session.command(f"k1 read obj {SIZE}")  # resident in k1
+    session.command(f"k1 writehex obj+100 {PRE_FORK.hex()}")  # dirty in k1, unseen by the manager
+    session.command("k1 fork child")
+    as_of_fork = bytearray(original)
+    as_of_fork[100 : 100 + len(PRE_FORK)] = PRE_FORK
+    return bytes(as_of_fork), obj
+
+
+CHANGE = b"THE ORIGINAL CHANGED AFTER THE FORK"
+
+
+def change(session: MountSession, obj, source: str) -> bytes:
+    """Change the original through `source`; returns what the original holds afterwards."""
+    mnt = session.mountpoint
+    current = bytearray(bytes.fromhex(session.command(f"k1 read obj {SIZE}").split()[-1]))
+    if source == "parent":
+        session.command(f"k1 writehex obj+100 {CHANGE.hex()}")
+        session.command(f"k1 writehex obj+40000 {CHANGE.hex()}")
+    elif source == "kernel2":
+        session.command("k2 map obj 64K")
+        session.command(f"k2 writehex obj+100 {CHANGE.hex()}")
+        session.command(f"k2 writehex obj+40000 {CHANGE.hex()}")
+    elif source == "dd":
+        (mnt.parent / "change").write_bytes(CHANGE)
+        for offset in (100, 40000):
+            sh(f"dd if={mnt.parent}/change of={obj}/data bs=1 seek={offset} conv=notrunc status=none")
+    elif source == "truncate":
+        sh(f"truncate -s 8K {obj}/data")
+        return bytes(current[:8192]) + bytes(SIZE - 8192)
+    for offset in (100, 40000):
+        current[offset : offset + len(CHANGE)] = CHANGE
+    return bytes(current)
+
+
+@pytest.mark.parametrize("source", ["parent", "kernel2", "dd", "truncate"])
+@pytest.mark.parametrize("strategy", ["none", "call", "delay"])
+def test_a_forked_copy_keeps_the_old_bytes_whoever_changes_the_original(tmp_path, strategy, source):
+    with MountSession(tmp_path / "store", tmp_path / "mnt", ["k1:4096:256", "k2:16384:64"]) as session:
+        as_of_fork, obj = set_up(session, strategy)
+        now = change(session, obj, source)
+        assert child_view(session) == as_of_fork
+        parent = bytes.fromhex(session.command(f"k1 read obj {SIZE}").split()[-1])
+        assert parent == now
+        assert (obj / "data").read_bytes()[: len(now.rstrip(b"\0"))] == now.rstrip(b"\0")
+        snapshots = os.listdir(obj / "snapshots")
+        if strategy == "call":
+            assert len(snapshots) == 1  # the manager keeps every COPY_CALL copy as a file
+        for name in snapshots:
+            # a snapshot file is byte for byte what the copy's task reads
+            assert (obj / "snapshots" / name).read_bytes() == as_of_fork
+        session.command("k1 task child")
+        session.command("k1 unmap obj")
+        session.command("k1 task t1")
+        if strategy == "call":
+            # the copy ended: its file goes
+            wait_until(lambda: os.listdir(obj / "snapshots") == [], what="the snapshot to go")
+            assert os.listdir(session.store / "objects/obj/snapshots") == []
+
+
+def test_a_copy_call_copy_is_served_by_the_manager_and_its_snapshot_compares(tmp_path):
+    with MountSession(tmp_path / "store", tmp_path / "mnt", ["k1:4096:256"]) as session:
+        as_of_fork, obj = set_up(session, "call")
+        lines = trace_lines(session.mountpoint)
+        assert any("k1 -> obj memory_object_copy(old_control=" in line and "offset=0x0 length=65536" in line for line in lines)
+        session.command(f"k1 writehex obj+8192 {CHANGE.hex()}")  # a locked page: the old one is saved first
+        assert any("saved" in line for line in trace_lines(session.mountpoint))
+        (snapshot,) = os.listdir(obj / "snapshots")
+        session.command("k1 task child")
+        session.command(f"k1 writehex obj+20000 {b'the child writes its copy'.hex()}")
+        child = bytes.fromhex(session.command(f"k1 read obj {SIZE}").split()[-1])
+        session.command("k1 task t1")
+        (tmp_path / "child-view").write_bytes(child)
+        sh(f"cmp {obj}/snapshots/{snapshot} {tmp_path}/child-view")
+        assert child[20000:20025] == b"the child writes its copy"
+        assert child[8192:8192 + len(CHANGE)] == as_of_fork[8192:8192 + len(CHANGE)]
+        # the snapshot's own pages are a sparse file in the store
+        backing = session.store / "objects/obj/snapshots" / snapshot
+        assert backing.exists() and backing.stat().st_blocks * 512 <= SIZE
+
+
+def test_delayed_copies_paged_out_to_the_default_manager_appear_as_snapshots(tmp_path):
+    """A kernel with 16 frames: the copy's pages (pushed before the original changed) go to
+    fusepager as default manager; the temporary is a snapshot of the object."""
+    with MountSession(tmp_path / "store", tmp_path / "mnt", ["k1:4096:16"]) as session:
+        as_of_fork, obj = set_up(session, "delay")
+        session.command(f"k1 pattern obj 64K 9")  # every page changes: every old page is pushed
+        child = child_view(session)
+        assert child == as_of_fork
+        snapshots = os.listdir(obj / "snapshots")
+        assert snapshots, "no delayed copy reached the default manager"
+        for name in snapshots:
+            assert (obj / "snapshots" / name).read_bytes() == as_of_fork
+        temporaries = os.listdir(session.mountpoint / "default")
+        assert set(snapshots) <= set(temporaries)
+        assert any("memory_object_create(" in line for line in trace_lines(session.mountpoint))
+
+
+def test_anonymous_memory_beyond_the_memory_limit_goes_to_the_default_manager_and_back(tmp_path):
+    with MountSession(tmp_path / "store", tmp_path / "mnt", ["k1:4096:32"]) as session:
+        mnt = session.mountpoint
+        session.command("k1 allocate anon 1M")
+        session.command("k1 pattern anon 1M 5")
+        expected = pattern_bytes(5, 0, 1 << 20)
+        assert session.command("k1 sha256 anon 1M").split()[-1] == hashlib.sha256(expected).hexdigest()
+        stat = dict(word.split("=") for word in session.command("k1 stat").split()[2:])
+        assert int(stat["peak"]) <= 32 and int(stat["creates"]) == 1
+        (ident,) = os.listdir(mnt / "default")
+        held = (mnt / "default" / ident / "data").read_bytes()
+        assert len(held) == 1 << 20
+        # every page there is the pattern's page (pages still in the kernel are returned first)
+        assert held == expected
+        lines = trace_lines(mnt)
+        assert any("memory_object_data_initialize(" in line for line in lines)
+        # pages never written come back unavailable, and the task reads zeros
+        session.command("k1 allocate fresh 256K")
+        assert session.command("k1 read fresh+100000 4").endswith(" 00000000")
+        session.command("k1 unmap anon")
+        wait_until(lambda: os.listdir(mnt / "default") == [], what="the temporary to go")
+
