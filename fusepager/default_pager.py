@@ -52,6 +52,8 @@ class TemporaryCallbacks(PagerCallbacks):
         return range(offset - offset % self.page_size, offset + length, self.page_size)
 
     async def read_pages(self, offset: int, length: int) -> bytes | None:
+        if self.fd < 0:
+            raise PagerError("the temporary object has ended", KERN_MEMORY_FAILURE)
         if not any(page in self.written for page in self._pages(offset, length)):
             return None  # never written: the kernel zero-fills (or looks in the shadow)
         try:
@@ -61,6 +63,8 @@ class TemporaryCallbacks(PagerCallbacks):
         return data.ljust(length, b"\0")
 
     async def write_pages(self, offset: int, data: bytes) -> None:
+        if self.fd < 0:
+            return  # the temporary ended while this return was on its way: nobody needs it
         try:
             os.pwrite(self.fd, data, offset)
         except OSError as error:
@@ -79,10 +83,14 @@ class TemporaryCallbacks(PagerCallbacks):
     def read(self, offset: int, size: int) -> bytes:
         """For the mount's default/ID/data: the file's bytes, up to the object's size."""
         size = max(0, min(size, self.size - offset))
+        if self.fd < 0:
+            return b""
         return os.pread(self.fd, size, offset).ljust(size, b"\0") if size else b""
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
         try:
             self.path.unlink()
         except FileNotFoundError:

@@ -42,7 +42,31 @@ async def copy_range(source: VMObject, offset: int, size: int) -> tuple[VMObject
         return await _copy_now(source, offset, size), 0
     if strategy == MEMORY_OBJECT_COPY_CALL:
         return _copy_call(source, offset, size), 0
-    return kernel.objects.delayed_copy(source, offset, offset + size), offset
+    copy = kernel.objects.delayed_copy(source, offset, offset + size)
+    if not source.internal:
+        await _take_read_copies(source, offset, size)
+    return copy, offset
+
+
+async def _take_read_copies(source: VMObject, offset: int, size: int) -> None:
+    """Read in the pages of the range this kernel does not hold.
+
+    Another kernel may have been given write access to them before the copy: its later writes
+    would reach the manager without anyone asking this kernel, and the copy would see them.
+    Asking for each page (after the copy object exists) takes that write access away; from then
+    on, any kernel's write to the range must first have this one flush it, and the copy takes
+    the old pages then."""
+    kernel = source.kernel
+    page_size = kernel.page_size
+    for page_offset in range(offset, offset + size, page_size):
+        while source.alive and page_offset not in source.pages:
+            try:
+                await fault_page(source, page_offset, VM_PROT_READ, offset + size)
+                break
+            except _WaitForMemory as wait:
+                await kernel.vm_page_wait(wait.shortage)
+            except _Restart:
+                pass
 
 
 async def _strategy(source: VMObject) -> int:

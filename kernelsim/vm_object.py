@@ -178,8 +178,18 @@ class ObjectTable:
         object.shadow_offset = offset
 
     def delayed_copy(self, source: VMObject, start: int, end: int) -> VMObject:
-        """A copy object for [start, end) of `source`, copied on write (vm_object_copy_delayed).
-        It takes the offsets of `source`; an older copy now shadows this newer one."""
+        """A copy of [start, end) of `source`, copied on write (vm_object_copy_delayed), at the
+        offsets of `source`.
+
+        Two objects make it: the copy object, which only ever takes `source`'s old pages (an
+        older copy now shadows this newer one, and finds there what it lacks), and, above it,
+        the object the copy's task writes, so that its writes never show in older copies."""
+        copy = self._copy_object(source, start, end)
+        private = self.allocate_internal(end)
+        self.shadow_object(private, copy, 0)
+        return private
+
+    def _copy_object(self, source: VMObject, start: int, end: int) -> VMObject:
         copy = self.allocate_internal(end)
         copy.covers = [(start, end)]
         older = source.copy

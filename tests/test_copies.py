@@ -155,3 +155,113 @@ def test_anonymous_memory_beyond_the_memory_limit_goes_to_the_default_manager_an
         session.command("k1 unmap anon")
         wait_until(lambda: os.listdir(mnt / "default") == [], what="the temporary to go")
 
+
+
+SEED = int(os.environ.get("FUSEPAGER_SEED", "20261128"))
+OBJECTS = {"none": "onone", "call": "ocall", "delay": "odelay"}
+RANDOM_SIZE = 96 * 1024
+
+
+@pytest.mark.parametrize("seed", sorted({20261128, SEED}))
+def test_random_copies_writes_and_pageouts_match_a_reference_model(tmp_path, seed):
+    """2,000 operations over three objects (one per copy strategy): writes and reads by a task
+    in k1 (24 frames: it pages out), by k2 (16 KiB pages, 16 frames) and through the mount,
+    forks of k1's task (each child holding copies of all three), children writing their
+    copies, children ending.  Every read must match the reference model."""
+    rng = random.Random(seed)
+    with MountSession(tmp_path / "store", tmp_path / "mnt", ["k1:4096:24", "k2:16384:16"]) as session:
+        mnt = session.mountpoint
+        model = {}
+        for strategy, name in OBJECTS.items():
+            sh(f"mkdir {mnt}/objects/{name} && truncate -s {RANDOM_SIZE} {mnt}/objects/{name}/data")
+            sh(f"setfattr -n user.mach.copy_strategy -v {strategy} {mnt}/objects/{name}")
+            model[name] = bytearray(RANDOM_SIZE)
+            session.command(f"k1 map {name} {RANDOM_SIZE}")
+            session.command(f"k2 map {name} {RANDOM_SIZE}")
+        children: dict[str, dict[str, bytearray]] = {}
+        log: list[str] = []
+        serial = 0
+
+        def in_task(task: str, command: str) -> str:
+            session.command(f"k1 task {task}")
+            return session.command(command)
+
+        try:
+            for step in range(2000):
+                name = rng.choice(list(OBJECTS.values()))
+                offset = rng.randrange(RANDOM_SIZE)
+                length = rng.randint(1, min(6000, RANDOM_SIZE - offset))
+                kind = rng.random()
+                if kind < 0.04 and len(children) < 4:
+                    serial += 1
+                    child = f"c{serial}"
+                    log.append(f"{step} fork {child}")
+                    in_task("t1", f"k1 fork {child}")
+                    children[child] = {n: bytearray(data) for n, data in model.items()}
+                elif kind < 0.06 and children:
+                    child = rng.choice(sorted(children))
+                    log.append(f"{step} end {child}")
+                    for n in OBJECTS.values():
+                        in_task(child, f"k1 unmap {n}")
+                    del children[child]
+                elif kind < 0.40:
+                    who = rng.choice(["k1", "k2", "mount"] + sorted(children))
+                    data = rng.randbytes(length)
+                    log.append(f"{step} {who} write {name} {offset}+{length}")
+                    if who == "mount":
+                        (tmp_path / "chunk").write_bytes(data)
+                        sh(f"dd if={tmp_path}/chunk of={mnt}/objects/{name}/data bs={length} seek={offset} oflag=seek_bytes conv=notrunc status=none")
+                        model[name][offset : offset + length] = data
+                    elif who == "k2":
+                        session.command(f"k2 writehex {name}+{offset} {data.hex()}")
+                        model[name][offset : offset + length] = data
+                    elif who == "k1":
+                        in_task("t1", f"k1 writehex {name}+{offset} {data.hex()}")
+                        model[name][offset : offset + length] = data
+                    else:
+                        in_task(who, f"k1 writehex {name}+{offset} {data.hex()}")
+                        children[who][name][offset : offset + length] = data
+                else:
+                    who = rng.choice(["k1", "k2", "mount"] + sorted(children))
+                    log.append(f"{step} {who} read {name} {offset}+{length}")
+                    if who == "mount":
+                        got = subprocess.run(
+                            ["dd", f"if={mnt}/objects/{name}/data", f"bs={length}", f"skip={offset}", "iflag=skip_bytes", "count=1", "status=none"],
+                            capture_output=True, check=True,
+                        ).stdout
+                        expected = model[name][offset : offset + length]
+                    elif who == "k2":
+                        got = bytes.fromhex(session.command(f"k2 read {name}+{offset} {length}").split()[-1])
+                        expected = model[name][offset : offset + length]
+                    else:
+                        task = "t1" if who == "k1" else who
+                        got = bytes.fromhex(in_task(task, f"k1 read {name}+{offset} {length}").split()[-1])
+                        source = model if who == "k1" else children[who]
+                        expected = source[name][offset : offset + length]
+                    assert got == expected, f"step {step}: {who} read {name} {offset}+{length} differs"
+        except (AssertionError, Exception) as failure:
+            (tmp_path.parent / "random-copies.log").write_text("\n".join(log))
+            raise AssertionError(f"seed {seed} (rerun with FUSEPAGER_SEED={seed}); last steps:\n" + "\n".join(log[-10:])) from failure
+        stat = dict(word.split("=") for word in session.command("k1 stat").split()[2:])
+        assert int(stat["copies"]) > 0 and int(stat["evictions"]) > 0
+
+
+def test_changing_the_copy_strategy_from_the_mount_applies_to_later_copies(tmp_path):
+    with MountSession(tmp_path / "store", tmp_path / "mnt", ["k1:4096:64"]) as session:
+        mnt = session.mountpoint
+        obj = mnt / "objects" / "obj"
+        sh(f"mkdir {obj} && truncate -s 16K {obj}/data")
+        session.command("k1 map obj 16K")
+        session.command("k1 read obj 1")
+        session.command("k1 fork first")  # delay (the default): no memory_object_copy
+        assert not any("memory_object_copy(" in line for line in trace_lines(mnt))
+        sh(f"echo 'attributes copy=call' > {obj}/ctl")
+        changes = [line for line in trace_lines(mnt) if "obj -> k1 memory_object_change_attributes(" in line]
+        assert changes and "copy_strategy=call" in changes[-1]
+        assert any("k1 -> obj memory_object_change_completed(may_cache=0 copy_strategy=call)" in line for line in trace_lines(mnt))
+        session.command("k1 fork second")
+        assert any("k1 -> obj memory_object_copy(" in line for line in trace_lines(mnt))
+        assert len(os.listdir(obj / "snapshots")) == 1
+        sh(f"setfattr -n user.mach.copy_strategy -v none {obj}")
+        session.command("k1 fork third")
+        assert len([line for line in trace_lines(mnt) if "k1 -> obj memory_object_copy(" in line]) == 1
