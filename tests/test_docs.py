@@ -21,7 +21,7 @@ def marked_block(marker: str) -> str:
 
 def without_port_names(line: str) -> str:
     # Port names come from one counter per process: the doc says they may differ.
-    return re.sub(r"\b(control|name|reply_to)=\d+", r"\1=N", line)
+    return re.sub(r"\b(control|old_control|new_control|name|new_name|new_object|reply_to)=\d+", r"\1=N", line)
 
 
 def run_example(name: str, tmp_path: Path) -> list[str]:
@@ -85,3 +85,26 @@ def test_the_two_kernel_example_shows_coherence(tmp_path):
     assert index("write_pages(0x0, <16384 bytes>)", flush) < out.index("store reads: b'FROM K2'")
     assert "k1 holds: []" in out and "k2 holds: ['0x0 16384 r-- -']" in out
     assert_output_is_shown("two-kernels", out)
+
+
+def test_the_copy_call_example_keeps_the_old_bytes_for_the_child(tmp_path):
+    out = run_example("copy-call", tmp_path)
+
+    def index(fragment: str) -> int:
+        return next(i for i, line in enumerate(out) if fragment in line)
+
+    # The fork sends memory_object_copy for the whole mapping; the engine serves the new object
+    # with a pager of its own, which the kernel inits at once.
+    copy = index("k1 -> orig memory_object_copy(old_control=")
+    assert "offset=0x0 length=8192 new_object=" in out[copy]
+    started = index("orig: copy 1 of 0x0+8192 for k1, served as orig~1")
+    assert copy < started < index("k1 -> orig~1 memory_object_init(") < index("orig~1 -> k1 memory_object_ready(")
+    # The parent's write after the fork waits until the copy has saved the old page.
+    assert index("orig: copy 1 saved 1 page(s) from 0x0 before they change") < out.index("parent reads: b'AFTER THE FORK!'")
+    # The child's read goes to the copy's pager, which serves the saved page.
+    request = index("k1 -> orig~1 memory_object_data_request(")
+    assert request < index("orig~1 -> k1 memory_object_data_supply(") < out.index("child reads: b'before the fork'")
+    assert "copy_contents: b'before the fork'" in out
+    # The copy ends with its kernel's terminate.
+    assert index("k1 -> orig~1 memory_object_terminate(") < index("orig: copy 1 ended") == len(out) - 1
+    assert_output_is_shown("copy-call", out)
