@@ -12,7 +12,9 @@ import trio
 
 from kernelsim import __version__
 
-from .mount import KernelSpec, MountError, daemon_log_path, mount_state, serve, unmount
+from kernelsim.transport import Address
+
+from .mount import KernelSpec, MountError, daemon_log_path, default_listen, mount_state, serve, unmount
 
 DESCRIPTION = """\
 fusepager: external memory managers that keep their pages in real files and show them, and the
@@ -61,10 +63,20 @@ def _mount(args: argparse.Namespace) -> int:
     if not foreground:
         return _daemonize(args)
     options = {option for text in args.o for option in text.split(",") if option}
+    if args.listen == "none":
+        listen = None
+    else:
+        try:
+            listen = Address.parse(args.listen) if args.listen else default_listen(args.store)
+        except ValueError as error:
+            print(f"fusepager mount: {error}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="fusepager: %(levelname)s %(name)s: %(message)s")
 
     def ready() -> None:
         message = f"fusepager: mounted {os.path.abspath(args.store)} at {os.path.abspath(args.mountpoint)} (pid {os.getpid()})"
+        if listen is not None:
+            message += f"; kernels connect to {listen}"
         if args.ready_fd is not None:
             os.write(args.ready_fd, f"ok {message}\n".encode())
             os.close(args.ready_fd)
@@ -81,6 +93,7 @@ def _mount(args: argparse.Namespace) -> int:
                 console=args.console,
                 debug=args.debug,
                 default_manager=args.default_manager,
+                listen=listen,
                 on_ready=ready,
             )
         )
@@ -104,6 +117,8 @@ def _daemonize(args: argparse.Namespace) -> int:
         command += ["--kernel", text]
     if not args.default_manager:
         command.append("--no-default-manager")
+    if args.listen:
+        command += ["--listen", args.listen]
     log_path = daemon_log_path(args.store)
     with open(log_path, "ab") as log_file:
         child = subprocess.Popen(
@@ -158,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     mount.add_argument("-o", action="append", default=[], metavar="OPT[,OPT...]", help="FUSE mount options (e.g. -o allow_other)")
     mount.add_argument("--kernel", action="append", default=[], metavar="NAME:PAGE_SIZE[:PAGES[:CLUSTER]]", help="run a kernel in the daemon (repeatable)")
     mount.add_argument("--console", action="store_true", help="with -f: take kernel commands on stdin")
+    mount.add_argument(
+        "--listen",
+        metavar="ADDR",
+        help="where kernel processes connect (kernelsim run --connect ADDR): unix:PATH or tcp:HOST:PORT; "
+        "default unix:STORE/fusepager.sock (a short path in /tmp if that one is too long); 'none' to accept none",
+    )
     mount.add_argument(
         "--no-default-manager",
         dest="default_manager",

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import trio
 
-from kernelsim.interface import KERN_MEMORY_FAILURE
-from kernelsim.ipc_port import SendRight
+from kernelsim import messages as m
+from kernelsim.interface import KERN_INVALID_NAME, KERN_MEMORY_FAILURE, KERN_SUCCESS, MachSendInvalidDest
+from kernelsim.ipc_port import SendRight, port_allocate
 
 from .control import COPY_NAMES, COPY_STRATEGIES
 from .copies import CopyStore
@@ -102,6 +103,9 @@ class FileManager:
         # Also the default memory manager of the kernels it serves: their temporaries live in
         # STORE/default.
         self.default = DefaultManager(Path(os.fsdecode(store.root)) / "default", self.trace, self.stats)
+        # Kernels in other processes find objects by name here (netname_look_up).
+        self.name_service = port_allocate("fusepager name service")
+        self.connections: set = set()  # kernels in other processes (transport.Connection)
         self._nursery: trio.Nursery | None = None
         # Told when kernels change an object's bytes in the store or gain the right to: the
         # mount drops Linux's cached copy of its `data` file.
@@ -112,8 +116,28 @@ class FileManager:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.default.run)
+            nursery.start_soon(self._serve_names)
             task_status.started()
             await trio.sleep_forever()
+
+    async def _serve_names(self) -> None:
+        async for received in self.name_service:
+            message = received.message
+            if not isinstance(message, m.NetnameLookUp):
+                self.stats.refused += 1
+                self.trace.line(f"name service refused {message.describe()}: not netname_look_up")
+                message.destroy_rights()
+                continue
+            try:
+                port = self.pager(message.name).send_right()
+                answer = m.NetnameLookUpReply(return_code=KERN_SUCCESS, port=port)
+            except StoreError as error:
+                self.trace.line(f"name service: no object {message.name!r} ({error})")
+                answer = m.NetnameLookUpReply(return_code=KERN_INVALID_NAME, port=None)
+            try:
+                message.reply.send(answer)
+            except MachSendInvalidDest:
+                answer.destroy_rights()
 
     def pager(self, name: bytes) -> Pager:
         """The object's pager, started on first use; StoreError ENOENT if there is no object."""
@@ -202,6 +226,7 @@ class FileManager:
             pager.port.destroy()
         self.pagers.clear()
         self.default.close()
+        self.name_service.destroy()
         self.store.close()
 
     def pager_for_port(self, port_name: int) -> Pager | None:

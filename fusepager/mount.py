@@ -9,6 +9,7 @@ dirty pages come back to the pagers and into the store), then the store is close
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ import trio
 
 import kernelsim
 from kernelsim.console import Console, serve_stdin
+from kernelsim.transport import UNIX_PATH_MAX, Address, Connection
 
 from .fs import PagerFS
 from .manager import FileManager
@@ -193,6 +195,7 @@ async def serve(
     debug: bool = False,
     readahead_kb: int = READAHEAD_KB,
     default_manager: bool = True,
+    listen: Address | None = None,
     on_ready=None,
 ) -> None:
     """Mount, serve until unmounted or signalled, then shut down in order."""
@@ -238,6 +241,15 @@ async def serve(
                     if on_ready is not None:
                         on_ready()
 
+                if listen is not None:
+                    try:
+                        listeners = await listen.listeners()
+                    except OSError as error:
+                        raise MountError(f"cannot listen on {listen}: {error.strerror or error}") from None
+                    stack.callback(listen.remove)
+                    nursery.start_soon(_accept_kernels, listeners, manager)
+                    manager.trace.line(f"manager: kernels connect to {listen}")
+
                 with trio.CancelScope() as fuse_scope:
                     nursery.start_soon(_cancel_on_signal, fuse_scope)
                     nursery.start_soon(when_serving)
@@ -250,6 +262,33 @@ async def serve(
     finally:
         manager.close()
         pyfuse3.close(unmount=True)
+
+
+def default_listen(store_path: str) -> Address:
+    """STORE/fusepager.sock; where that path is too long for a Unix socket, a short one in /tmp
+    named after the store, so a manager restarted on the same store listens at the same place."""
+    path = os.path.join(os.path.abspath(store_path), "fusepager.sock")
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
+        digest = hashlib.sha256(os.fsencode(os.path.abspath(store_path))).hexdigest()[:16]
+        path = f"/tmp/fusepager-{digest}.sock"
+    return Address("unix", path=path)
+
+
+async def _accept_kernels(listeners: list[trio.SocketListener], manager: FileManager) -> None:
+    """Each kernel process that connects gets a connection whose bootstrap port is the name
+    service; its objects' control ports come through it as proxies."""
+
+    async def serve(stream: trio.abc.Stream) -> None:
+        connection = Connection(stream, local_name="fusepager", bootstrap=manager.name_service, on_log=manager.trace.line)
+        manager.connections.add(connection)
+        try:
+            await connection.run()
+        except Exception:
+            log.exception("connection from a kernel failed")
+        finally:
+            manager.connections.discard(connection)
+
+    await trio.serve_listeners(serve, listeners)
 
 
 async def _cancel_on_signal(scope: trio.CancelScope) -> None:

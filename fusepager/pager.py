@@ -180,6 +180,7 @@ class Pager:
         self.stats = stats or Stats()
         self.port = port if port is not None else port_allocate(f"object {name}")
         self.copies: dict[int, _Copy] = {}
+        self._notify: ReceiveRight | None = None
         # Called when the last kernel goes (a copy's pager ends with its copy).
         self.on_end: Callable[[], None] | None = None
         self.kernels: dict[int, KernelRecord] = {}
@@ -296,8 +297,23 @@ class Pager:
             pagemap=Pagemap(message.page_size),
         )
         self.kernels[message.control.name] = record
+        self._watch(record)
         if self.auto_ready:
             self.ready(record, self.may_cache, self.copy_strategy)
+
+    def _watch(self, record: KernelRecord) -> None:
+        """Hear of the kernel's death (its control port dies with it, in another process)."""
+        if self._notify is None:
+            self._notify = port_allocate(f"object {self.name} notify")
+            self._notify.set_kobject(self._control_died)
+        record.control.request_dead_name(SendRight(self._notify.port))
+
+    def _control_died(self, port: object, message: m.Message) -> None:
+        if isinstance(message, m.MachNotifyDeadName):
+            record = self.kernels.get(message.name)
+            if record is not None:
+                self.trace.line(f"{record.label} is gone: its control port for {self.name} died")
+                self._forget(record)
 
     def _being_revoked(self, record: KernelRecord, offset: int, length: int) -> bool:
         end = offset + length
@@ -526,6 +542,7 @@ class Pager:
             copy_strategy=self.copy_strategy,
         )
         self.kernels[create.new_control.name] = record
+        self._watch(record)
         self._changed.unpark_all()
         return record
 
@@ -545,9 +562,9 @@ class Pager:
                 self._changed_data("stored", message.offset, len(message.data))
 
     def _terminate(self, record: KernelRecord, message: m.MemoryObjectTerminate) -> None:
+        self._forget(record)
         message.control.destroy()
         message.name.destroy()
-        self._forget(record)
 
     def _forget(self, record: KernelRecord) -> None:
         if self.kernels.pop(record.control.name, None) is None:

@@ -24,6 +24,11 @@ Kernels are used from Python (see README.md and docs/architecture.md):
 
 EPILOG = """\
 examples:
+  kernelsim run --connect unix:/srv/store/fusepager.sock --name k1 --page-size 16384
+                                  a kernel in this process, connected to a fusepager mount,
+                                  taking console commands on stdin (map hello 64K, read hello 16)
+  kernelsim run --connect tcp:127.0.0.1:7000 --name k2 script.txt
+                                  the same, running the commands of script.txt
   kernelsim messages              every EMM message kind with its GNU Mach number and fields
   kernelsim messages --direction manager-to-kernel
   python examples/hello_pager.py  a task faulting pages from a small manager, narrated
@@ -52,6 +57,42 @@ def list_messages(direction: str | None) -> None:
         print(f"{cls.msg_id:>5}  {cls.mach_name:<36} {_field_text(cls)}")
 
 
+HELP_EPILOG = """\
+console commands (one a line; 'help' lists them all):
+  map NAME SIZE          map the manager's object NAME     read WHERE LEN [text]
+  write WHERE TEXT       writehex WHERE HEX                 fork [NAME]   task NAME
+  copy WHERE SIZE WHERE  protect WHERE SIZE PROT            region WHERE  stat   sync
+"""
+
+
+def _run(args: argparse.Namespace) -> int:
+    import trio
+
+    from .interface import KernError
+    from .node import run
+    from .transport import Address
+
+    try:
+        address = Address.parse(args.connect)
+    except ValueError as error:
+        print(f"kernelsim run: {error}", file=sys.stderr)
+        return 2
+    if args.retries < 1:
+        print("kernelsim run: --retries must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        trio.run(run, address, args.name, args.page_size, args.memory, args.cluster, args.script, args.retries)
+    except KernError as error:
+        print(f"kernelsim run: {error}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as error:
+        print(f"kernelsim run: {error.filename}: no such script", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="kernelsim",
@@ -63,10 +104,28 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     listing = commands.add_parser("messages", help="list the protocol's message kinds with their numbers and fields")
     listing.add_argument("--direction", choices=sorted(DIRECTIONS), help="only the messages going one way")
+    node = commands.add_parser(
+        "run",
+        help="run a kernel connected to a manager, driven by console commands",
+        description="Run a kernel in this process, connected to a manager (fusepager mount listens), "
+        "taking console commands from SCRIPT or standard input. Answers start with 'ok' or 'error'; "
+        "lines starting with '#' are information.",
+        epilog=HELP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    node.add_argument("--connect", required=True, metavar="ADDR", help="the manager: unix:PATH or tcp:HOST:PORT")
+    node.add_argument("--name", required=True, help="the kernel's name (its directory in the mount's kernels/)")
+    node.add_argument("--page-size", type=int, default=4096, help="a power of two, at least 4096 (default 4096)")
+    node.add_argument("--memory", type=int, default=1024, metavar="PAGES", help="page frames (default 1024)")
+    node.add_argument("--cluster", type=int, default=1, metavar="PAGES", help="pages per data request (default 1)")
+    node.add_argument("--retries", type=int, default=10, help="connection attempts in a row before giving up (default 10)")
+    node.add_argument("script", nargs="?", help="a file of commands, or - (the default) for standard input")
     args = parser.parse_args(argv)
     if args.command == "messages":
         list_messages(args.direction)
         return 0
+    if args.command == "run":
+        return _run(args)
     parser.print_help()
     return 2
 

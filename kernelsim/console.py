@@ -68,6 +68,7 @@ commands (answers start with 'ok' or 'error'):
   fork [NAME]                 a child of the current task (task_create with inherit_memory)
   task NAME                   make task NAME the current one
   tasks                       list the tasks
+  sync [NAME]                 send the pages tasks changed to their managers (they stay cached)
   stat                        the kernel's counters
   help                        this text
 WHERE is an address (0x10000, 65536) or NAME[+OFFSET] for a mapping made with 'map'.
@@ -221,7 +222,30 @@ class Console:
             right.deallocate()
         rounded = self.current.vm_region(address).size
         self.mappings[self.current.name][name] = Mapping(name, address, rounded)
-        return f"map {name} {address:#x} {rounded}"
+        entry = self.current.map.lookup(address)
+        returned = ""
+        if entry is not None and not entry.object.internal:
+            entry.object.tag = name
+            if name in self.kernel.orphans:
+                count = await self.kernel.return_orphans(entry.object)
+                returned = f" returned={count}"
+        return f"map {name} {address:#x} {rounded}{returned}"
+
+    async def do_sync(self, rest: str) -> str:
+        words = rest.split()
+        if len(words) > 1:
+            raise ConsoleError("usage: sync [NAME]")
+        mine = self.mappings[self.current.name]
+        names = words or sorted(mine)
+        count = 0
+        for name in names:
+            mapping = mine.get(name)
+            if mapping is None:
+                raise ConsoleError(f"no mapping named {name!r} in task {self.current.name}")
+            entry = self.current.map.lookup(mapping.address)
+            if entry is not None:
+                count += self.kernel.vm_sync(entry.object)
+        return f"sync {count}"
 
     async def do_allocate(self, rest: str) -> str:
         words = rest.split()

@@ -25,7 +25,7 @@ from .memory_object import ControlServer, NotifyServer
 from .task import Task
 from .vm_object import ObjectTable, VMObject
 from .vm_page import Page, ResidentMemory
-from .vm_pageout import make_room, pageout_daemon
+from .vm_pageout import make_room, pageout_daemon, send_return
 
 MIN_PAGE_SIZE = 4096
 
@@ -88,6 +88,8 @@ class Kernel:
         self.notify_port.set_kobject(NotifyServer(self).handle)
         self.objects = ObjectTable(self)
         self.running = True
+        # Pages tasks changed in objects whose manager died, by object name (see manager_died).
+        self.orphans: dict[str, dict[int, bytes]] = {}
 
     def __repr__(self) -> str:
         return f"<kernel {self.name} page_size={self.page_size} memory={self.resident.limit}>"
@@ -145,6 +147,39 @@ class Kernel:
         if not self.resident.any_absent():
             raise shortage
         await self.resident.wait_for_change()
+
+    async def return_orphans(self, object: VMObject) -> int:
+        """Give a manager that came back the pages tasks had changed in an object of this name
+        before its predecessor died; returns how many pages went."""
+        kept = self.orphans.pop(object.tag, None) if object.tag is not None else None
+        if not kept:
+            return 0
+        if not object.pager_initialized:
+            self.objects.pager_init(object)
+        await object.wait_ready()
+        if not object.alive:
+            self.orphans[object.tag] = kept  # type: ignore[index]
+            return 0
+        for offset in sorted(kept):
+            page = object.pages.get(offset)
+            if page is not None and not page.absent:
+                # Resident already (read before this call): the kept data wins, as the newer.
+                page.data = bytearray(kept[offset])
+                page.dirty = True
+                continue
+            send_return(object, offset, kept[offset])
+        return len(kept)
+
+    def vm_sync(self, object: VMObject) -> int:
+        """Return the object's changed pages to its manager, keeping clean copies (a kernel's
+        msync); returns how many went."""
+        from .vm_pageout import return_pages
+
+        if object.internal or not object.pager_initialized or not object.alive:
+            return 0
+        dirty = sorted((p for p in object.pages.values() if p.dirty and not p.absent), key=lambda p: p.offset)
+        return_pages(object, dirty, kernel_copy=True)
+        return len(dirty)
 
     def shutdown(self) -> None:
         """An orderly halt: every task goes (returning dirty data), then cached objects."""

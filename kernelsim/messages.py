@@ -297,6 +297,28 @@ class MachNotifyDeadName(Message):
     name: int
 
 
+# --- netname.defs: finding a memory object by name --------------------------------------------
+# Mach's network name server looked ports up by name across hosts; a kernel in another process
+# finds a manager's objects the same way (the manager offers the service at the connection's
+# start, see `transport`).
+
+
+@dataclass(frozen=True, slots=True)
+class NetnameLookUp(Message):
+    msg_id = 1041
+    mach_name = "netname_look_up"
+    name: bytes
+    reply: SendOnceRight
+
+
+@dataclass(frozen=True, slots=True)
+class NetnameLookUpReply(Message):
+    msg_id = 1141
+    mach_name = "netname_look_up_reply"
+    return_code: int
+    port: SendRight | None
+
+
 # The kinds of message by direction, for servers that check what they are sent.
 KERNEL_TO_MANAGER = (
     MemoryObjectInit,

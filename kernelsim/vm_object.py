@@ -81,6 +81,9 @@ class VMObject:
         # Lock requests this object is working through (pushes to a copy may need page-ins).
         self.lock_queue: list = []
         self.label = f"{kernel.name} object {self.id}"
+        # The name a task found the object by (kernels in other processes): pages it changed
+        # outlive a dead manager under this name, to go back when the object is mapped again.
+        self.tag: str | None = None
         self.name_port: ReceiveRight = port_allocate(f"{self.label} name", host=kernel.name)
         self.name_port.set_kobject(_ignore_name_port_call)
         self.control: ReceiveRight | None = None
@@ -323,7 +326,15 @@ class ObjectTable:
         self._send_terminate(object)
 
     def manager_died(self, object: VMObject) -> None:
-        """The memory object port is dead: fail everything, nobody is left to tell."""
+        """The memory object port is dead: fail everything, nobody is left to tell.  Pages the
+        tasks changed are kept (as orphans, by the object's name) if the object has a name."""
+        if object.alive and object.tag is not None:
+            kept = self.kernel.orphans.setdefault(object.tag, {})
+            for page in object.pages.values():
+                if page.dirty and not page.absent:
+                    kept[page.offset] = bytes(page.data)  # type: ignore[arg-type]
+            if not kept:
+                del self.kernel.orphans[object.tag]
         if object.alive:
             self._die(object, KERN_MEMORY_FAILURE, "memory manager died")
             if object.control is not None:

@@ -62,6 +62,21 @@ def return_pages(object: VMObject, pages: list[Page], *, kernel_copy: bool) -> N
             return
 
 
+def send_return(object: VMObject, offset: int, data: bytes) -> None:
+    """memory_object_data_return of data the kernel holds for no resident page."""
+    kernel = object.kernel
+    kernel.stats.data_returns += 1
+    kernel.stats.pages_returned += len(data) // kernel.page_size
+    try:
+        object.pager.send(  # type: ignore[union-attr]
+            MemoryObjectDataReturn(
+                control=object.control.make_send(), offset=offset, data=data, dirty=True, kernel_copy=False  # type: ignore[union-attr]
+            )
+        )
+    except MachSendInvalidDest:
+        kernel.objects.manager_died(object)
+
+
 def _page_out_internal(object: VMObject, pages: list[Page]) -> None:
     kernel = object.kernel
     if not kernel.objects.pager_create(object):

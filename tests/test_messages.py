@@ -40,6 +40,8 @@ GNU_MACH_IDS = {
     # notify.defs
     m.MachNotifyNoSenders: 0o106,
     m.MachNotifyDeadName: 0o110,
+    # netname.defs (the name service kernels in other processes find objects with)
+    m.NetnameLookUp: 1041,
 }
 
 
@@ -50,9 +52,9 @@ def test_message_ids_are_gnu_machs():
 
 
 def test_every_message_kind_is_one_class_with_a_mach_name():
-    assert set(m.MESSAGE_TYPES.values()) == set(GNU_MACH_IDS) | {m.MemoryObjectGetAttributesReply}
+    assert set(m.MESSAGE_TYPES.values()) == set(GNU_MACH_IDS) | {m.MemoryObjectGetAttributesReply, m.NetnameLookUpReply}
     for cls in m.MESSAGE_TYPES.values():
-        assert cls.mach_name.startswith(("memory_object_", "mach_notify_"))
+        assert cls.mach_name.startswith(("memory_object_", "mach_notify_", "netname_"))
 
 
 class NameTable:
