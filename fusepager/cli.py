@@ -97,14 +97,29 @@ def _mount(args: argparse.Namespace) -> int:
                 on_ready=ready,
             )
         )
-    except MountError as error:
+    except KeyboardInterrupt:
+        return 130
+    except (MountError, BaseExceptionGroup) as failure:
+        error = _mount_error(failure)
+        if error is None:
+            raise
         if args.ready_fd is not None:
             os.write(args.ready_fd, f"error {error}\n".encode())
         print(f"fusepager mount: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
     return 0
+
+
+def _mount_error(error: BaseException) -> MountError | None:
+    """`error`, or the MountError inside the exception group a nursery made of it."""
+    if isinstance(error, MountError):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = _mount_error(inner)
+            if found is not None:
+                return found
+    return None
 
 
 def _daemonize(args: argparse.Namespace) -> int:

@@ -204,6 +204,14 @@ async def serve(
         store = FileStore(store_path)
     except StoreError as error:
         raise MountError(f"store {store_path}: {error}") from None
+    listeners: list[trio.SocketListener] = []
+    if listen is not None:
+        # Before mounting: a daemon that cannot take kernels must not leave a mount behind.
+        try:
+            listeners = await listen.listeners()
+        except OSError as error:
+            store.close()
+            raise MountError(f"cannot listen on {listen}: {error.strerror or error}") from None
     manager = FileManager(store)
     operations = PagerFS(manager)
     options = set(pyfuse3.default_options) | {"fsname=fusepager", "subtype=fusepager"} | (fuse_options or set())
@@ -212,6 +220,7 @@ async def serve(
     try:
         pyfuse3.init(operations, mountpoint, options)
     except RuntimeError as error:
+        _close_listeners(listeners, listen)
         store.close()
         raise MountError(f"cannot mount {mountpoint}: {error} (is /dev/fuse there, and fuse3 installed?)") from None
     try:
@@ -241,12 +250,7 @@ async def serve(
                     if on_ready is not None:
                         on_ready()
 
-                if listen is not None:
-                    try:
-                        listeners = await listen.listeners()
-                    except OSError as error:
-                        raise MountError(f"cannot listen on {listen}: {error.strerror or error}") from None
-                    stack.callback(listen.remove)
+                if listeners:
                     nursery.start_soon(_accept_kernels, listeners, manager)
                     manager.trace.line(f"manager: kernels connect to {listen}")
 
@@ -260,8 +264,19 @@ async def serve(
                 await manager.idle()
             nursery.cancel_scope.cancel()
     finally:
+        _close_listeners(listeners, listen)
         manager.close()
         pyfuse3.close(unmount=True)
+
+
+def _close_listeners(listeners: list[trio.SocketListener], listen: Address | None) -> None:
+    for listener in listeners:
+        listener.socket.close()
+    if listen is not None and listeners:
+        listen.remove()
+
+
+MAX_KERNEL_CONNECTIONS = 256
 
 
 def default_listen(store_path: str) -> Address:
@@ -279,6 +294,11 @@ async def _accept_kernels(listeners: list[trio.SocketListener], manager: FileMan
     service; its objects' control ports come through it as proxies."""
 
     async def serve(stream: trio.abc.Stream) -> None:
+        if len(manager.connections) >= MAX_KERNEL_CONNECTIONS:
+            # Each connection may buffer up to a frame: their number must be bounded too.
+            manager.trace.line(f"manager: refused a connection: {MAX_KERNEL_CONNECTIONS} are open already")
+            await stream.aclose()
+            return
         connection = Connection(stream, local_name="fusepager", bootstrap=manager.name_service, on_log=manager.trace.line)
         manager.connections.add(connection)
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import dataclasses
 import sys
 import typing
@@ -69,7 +70,7 @@ def _run(args: argparse.Namespace) -> int:
     import trio
 
     from .interface import KernError
-    from .node import run
+    from .node import NodeError, run
     from .transport import Address
 
     try:
@@ -80,17 +81,32 @@ def _run(args: argparse.Namespace) -> int:
     if args.retries < 1:
         print("kernelsim run: --retries must be at least 1", file=sys.stderr)
         return 2
+    if args.script not in (None, "-") and not os.path.isfile(args.script):
+        print(f"kernelsim run: {args.script}: no such script", file=sys.stderr)
+        return 2
     try:
         trio.run(run, address, args.name, args.page_size, args.memory, args.cluster, args.script, args.retries)
-    except KernError as error:
-        print(f"kernelsim run: {error}", file=sys.stderr)
-        return 1
-    except FileNotFoundError as error:
-        print(f"kernelsim run: {error.filename}: no such script", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
+    except (KernError, NodeError, BaseExceptionGroup) as error:
+        reason = _expected(error, (KernError, NodeError))
+        if reason is None:
+            raise
+        print(f"kernelsim run: {reason}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _expected(error: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """`error` if it is one of `kinds`, or the first such inside an exception group."""
+    if isinstance(error, kinds):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = _expected(inner, kinds)
+            if found is not None:
+                return found
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,9 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     node = commands.add_parser(
         "run",
         help="run a kernel connected to a manager, driven by console commands",
-        description="Run a kernel in this process, connected to a manager (fusepager mount listens), "
-        "taking console commands from SCRIPT or standard input. Answers start with 'ok' or 'error'; "
-        "lines starting with '#' are information.",
+        description="""\
+Run a kernel in this process, connected to a manager (`fusepager mount` listens: see the
+address on its 'mounted' line), taking console commands from SCRIPT or standard input.
+Each command gets one answer line starting with 'ok' or 'error'; lines starting with '#'
+are information (connecting, losing the manager, reconnecting).
+
+At the end of the commands the kernel returns the pages its tasks changed, then exits. If
+the manager dies, faults on its objects fail at once (KERN_MEMORY_ERROR), the changed pages
+are kept, and the kernel reconnects (--retries attempts, every half second); mapping an
+object again (unmap NAME, map NAME SIZE) returns the kept pages to the manager first.""",
         epilog=HELP_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -23,6 +23,11 @@ from .messages import NetnameLookUp
 from .transport import Address, Connection
 
 RECONNECT_DELAY = 0.5
+RESOLVE_WAIT = 5.0  # how long `map` waits for a manager being reconnected to
+
+
+class NodeError(Exception):
+    """The node cannot run; the message says why."""
 
 
 def say(text: str) -> None:
@@ -43,23 +48,20 @@ class Node:
         """Connect, and after a loss reconnect, up to `retries` attempts in a row."""
         started = False
         while True:
-            stream = None
-            for attempt in range(1, self.retries + 1):
-                try:
-                    stream = await self.address.connect()
-                    break
-                except OSError as error:
-                    say(f"cannot reach the manager at {self.address} ({error.strerror or error}); attempt {attempt}/{self.retries}")
-                    await trio.sleep(RECONNECT_DELAY)
-            if stream is None:
-                say(f"gave up reaching the manager at {self.address} after {self.retries} attempts; mapped objects of it fail")
-                self.gave_up = True
-                if not started:
-                    task_status.started()
-                return
-            connection = Connection(stream, local_name=self.kernel.name, on_log=say)
             async with trio.open_nursery() as nursery:
-                await nursery.start(connection.run)
+                connection = None
+                for attempt in range(1, self.retries + 1):
+                    connection = await self._attempt(nursery, attempt)
+                    if connection is not None:
+                        break
+                    await trio.sleep(RECONNECT_DELAY)
+                if connection is None:
+                    say(f"gave up reaching the manager at {self.address} after {self.retries} attempts; mapped objects of it fail")
+                    self.gave_up = True
+                    self.connected.set()  # wake whoever waits for a connection: there will be none
+                    if not started:
+                        task_status.started()
+                    return
                 self.connection = connection
                 self.connected.set()
                 say(f"connected to manager {connection.peer_name} at {self.address}")
@@ -71,8 +73,27 @@ class Node:
             self.connected = trio.Event()
             say(f"lost the manager at {self.address} ({connection.close_reason}); reconnecting")
 
+    async def _attempt(self, nursery: trio.Nursery, attempt: int) -> Connection | None:
+        """One connection attempt: a greeted connection running in `nursery`, or None."""
+        try:
+            stream = await self.address.connect()
+        except OSError as error:
+            say(f"cannot reach the manager at {self.address} ({error.strerror or error}); attempt {attempt}/{self.retries}")
+            return None
+        connection = Connection(stream, local_name=self.kernel.name, on_log=say)
+        nursery.start_soon(connection.run)
+        await connection.settled.wait()
+        if not connection.greeted:
+            say(f"the manager at {self.address} did not greet us ({connection.close_reason}); attempt {attempt}/{self.retries}")
+            return None
+        return connection
+
     async def resolve(self, name: str) -> SendRight:
         """The memory object called `name` at the manager (netname_look_up)."""
+        if self.connection is None and not self.gave_up:
+            # Reconnecting: worth a short wait rather than an error.
+            with trio.move_on_after(RESOLVE_WAIT):
+                await self.connected.wait()
         connection = self.connection
         if connection is None or connection.peer_bootstrap is None:
             raise ValueError(f"not connected to a manager (at {self.address})")
@@ -108,6 +129,8 @@ async def run(
         node = Node(kernel, address, retries)
         async with trio.open_nursery() as nursery:
             await nursery.start(node.keep_connected)
+            if node.gave_up:
+                raise NodeError(f"cannot reach the manager at {address}")
             console = Console(kernel, node.resolve)
             say(f"kernel {name}: {page_size}-byte pages, {memory_pages} frames; commands: help")
             if script is None or script == "-":

@@ -162,6 +162,8 @@ class Connection:
         self.peer_name = "?"
         self.peer_bootstrap: SendRight | None = None
         self.closed = trio.Event()
+        self.greeted = False  # the HELLOs were exchanged
+        self.settled = trio.Event()  # greeted, or closed before that
         self.close_reason = ""
         self._bootstrap = bootstrap
         self._on_log = on_log
@@ -200,6 +202,8 @@ class Connection:
             with trio.CancelScope() as self._cancel:
                 reason = await self._guarded(self._handshake)
                 if reason is None:
+                    self.greeted = True
+                    self.settled.set()
                     task_status.started()
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._run_writer)
@@ -252,6 +256,7 @@ class Connection:
         self.close_reason = self.close_reason or reason
         self._say(f"connection with {self.peer_name} closed: {self.close_reason}")
         self.closed.set()
+        self.settled.set()
         self._written.unpark_all()
         for right in list(self._proxies.values()):
             right.destroy()

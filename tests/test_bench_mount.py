@@ -57,3 +57,25 @@ def test_bench_mount_read_quick_run_reports_and_leaves_no_mount(tmp_path):
     if os.geteuid() == 0:
         assert any("page cache dropped" in f["figure"] for f in against_passthrough)
     assert "| mount-read |" in result.stdout
+
+
+def test_bench_cross_process_quick_run_reports_and_leaves_nothing_behind(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    output = tmp_path / "out"
+    command = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--case", "cross-process", "--quick", "--runs", "2", "--output", str(output)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=dict(os.environ, TMPDIR=str(work)))
+
+    left = _mounts_under(tmp_path)
+    for point in left:
+        subprocess.run(["fusermount3", "-u", "-z", point], capture_output=True)
+    assert not left, f"the benchmark left mounts behind: {left}"
+    assert os.listdir(work) == [], "the benchmark left its temporary directory behind"
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    (figure,) = json.loads((output / "bench.json").read_text())["results"]
+    assert figure["case"] == "cross-process" and figure["target"] == 0.6
+    assert figure["value"] > 0 and figure["anchor_value"] > 0
+    assert figure["ratio"] == pytest.approx(figure["value"] / figure["anchor_value"], rel=1e-9)
+    assert "two processes" in figure["anchor"] and "--case cross-process" in figure["command"]
+    assert "| cross-process |" in result.stdout

@@ -1,0 +1,258 @@
+"""The manager and each kernel in its own process (issue [5/8]).
+
+A real mount (`fusepager mount`, listening on its Unix socket) and kernels started with
+`kernelsim run --connect ...`, all real processes driven through pipes; results are checked
+through the mount with ordinary file tools.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fusepager.session import KernelProcess, MountSession, SessionError
+
+PAGE = 4096
+
+
+def _make_object(mnt: Path, name: str, size: int) -> Path:
+    subprocess.run(["mkdir", str(mnt / "objects" / name)], check=True)
+    subprocess.run(["truncate", "-s", str(size), str(mnt / "objects" / name / "data")], check=True)
+    return mnt / "objects" / name
+
+
+def _read_file(path: Path, offset: int, length: int) -> bytes:
+    """Bytes of a file in the mount, read by dd in another process."""
+    result = subprocess.run(
+        ["dd", f"if={path}", "bs=1", f"skip={offset}", f"count={length}", "status=none"],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    return result.stdout
+
+
+def _kernels_of(obj: Path) -> list[str]:
+    return sorted(os.listdir(obj / "kernels"))
+
+
+def _wait_until(predicate, timeout: float, what: str) -> float:
+    """Poll until `predicate()` holds; how long it took.  Fails after `timeout` seconds."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"{what}: not within {timeout} s")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+@pytest.fixture
+def manager(tmp_path):
+    """A mount with no kernels of its own, listening for kernel processes."""
+    with MountSession(tmp_path / "store", tmp_path / "mnt", []) as session:
+        yield session
+
+
+@pytest.fixture
+def kernels(tmp_path):
+    """Start kernel processes with `kernels(address, name, ...)`; all of them are ended, by PID,
+    whatever happens."""
+    started: list[KernelProcess] = []
+
+    def start(address: str, name: str, **options) -> KernelProcess:
+        process = KernelProcess(address, name, workdir=tmp_path, **options)
+        started.append(process)
+        return process
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            process.close(timeout=10)
+
+
+def test_two_kernel_processes_share_an_object_through_the_manager(manager, kernels):
+    obj = _make_object(manager.mountpoint, "shared", 64 * 1024)
+    k1 = kernels(manager.listen_address, "k1", page_size=4096)
+    k2 = kernels(manager.listen_address, "k2", page_size=16384)
+
+    assert k1.command("map shared 64K").startswith("ok map shared")
+    assert k2.command("map shared 64K").startswith("ok map shared")
+    assert k1.command("read shared 4").endswith(" 00000000")  # a fault: the kernels are known now
+    assert k2.command("read shared 4").endswith(" 00000000")
+    assert _kernels_of(obj) == ["k1", "k2"]
+
+    k1.command("write shared+100 written by k1")
+    assert k2.command("read shared+100 13 text").endswith("'written by k1'")
+    k2.command("write shared+40000 and by k2")
+    assert k1.command("read shared+40000 9 text").endswith("'and by k2'")
+
+    # What the tasks wrote is the object's: the mount shows it (the kernels give it back).
+    assert _read_file(obj / "data", 100, 13) == b"written by k1"
+    assert _read_file(obj / "data", 40000, 9) == b"and by k2"
+
+    # A kernel that ends in order gives its pages back and leaves.
+    k1.command("write shared+8000 last words")
+    k1.close()
+    assert k1.process.returncode == 0, k1.child_stderr()
+    assert _kernels_of(obj) == ["k2"]
+    assert _read_file(obj / "data", 8000, 10) == b"last words"
+    assert k2.command("read shared+8000 10 text").endswith("'last words'")
+
+
+def test_a_killed_kernel_process_is_forgotten_and_the_other_keeps_working(manager, kernels):
+    obj = _make_object(manager.mountpoint, "shared", 64 * 1024)
+    k1 = kernels(manager.listen_address, "k1")
+    k2 = kernels(manager.listen_address, "k2")
+    k1.command("map shared 64K")
+    k2.command("map shared 64K")
+    k2.command("write shared+4096 from k2")
+    # k1 takes page 1 for writing: the manager takes it back from k2 first.
+    k1.command("write shared+4100 K1")
+    assert k2.command("read shared+4096 7 text").endswith("'fromK12'")
+    k1.command("write shared+4100 k1 again")  # k1 is the page's writer when it dies
+    assert _kernels_of(obj) == ["k1", "k2"]
+
+    k1.kill()
+    _wait_until(lambda: _kernels_of(obj) == ["k2"], 2.0, "k1's kernels/ directory gone")
+
+    # k2 can take the page k1 held for writing (nothing waits for the dead kernel), and the
+    # mount can read it.  k1's last write died with it; what k2 had synced before is there.
+    k2.command("write shared+4096 k2 owns it")
+    assert k2.command("read shared+4096 10 text").endswith("'k2 owns it'")
+    assert _read_file(obj / "data", 4096, 10) == b"k2 owns it"
+
+
+def test_a_read_waiting_on_a_kernel_completes_when_that_kernel_is_killed(manager, kernels):
+    obj = _make_object(manager.mountpoint, "shared", 16 * 1024)
+    k1 = kernels(manager.listen_address, "k1")
+    k1.command("map shared 16K")
+    k1.command("write shared+0 returned")
+    subprocess.run(["sh", "-c", f"echo sync > {obj}/ctl"], check=True, timeout=60)
+    k1.command("write shared+0 RETURNED")  # k1 holds page 0 dirty and writable
+    os.kill(k1.pid, signal.SIGSTOP)  # it will not answer the lock request a read of data sends
+    try:
+        asked = _lock_requests_to_k1(manager)
+        reader = subprocess.Popen(["dd", f"if={obj / 'data'}", "bs=8", "count=1", "status=none"], stdout=subprocess.PIPE)
+        try:
+            # The read waits for k1 to return page 0 (a lock request is out to it) ...
+            _wait_until(lambda: _lock_requests_to_k1(manager) > asked, 10.0, "a lock request to k1")
+            assert reader.poll() is None
+            # ... and completes when k1 dies.
+            k1.kill()
+            out, _ = reader.communicate(timeout=10)
+        finally:
+            if reader.poll() is None:
+                reader.kill()
+                reader.wait()
+    finally:
+        if k1.process.poll() is None:
+            os.kill(k1.pid, signal.SIGCONT)
+    assert reader.returncode == 0
+    # The read went on without the dead kernel: what the store had (k1's last write died with it).
+    assert out == b"returned"
+    _wait_until(lambda: _kernels_of(obj) == [], 2.0, "k1's kernels/ directory gone")
+
+
+def _lock_requests_to_k1(session: MountSession) -> int:
+    trace = (session.mountpoint / "trace").read_text(errors="replace")
+    return sum(1 for line in trace.splitlines() if "-> k1 memory_object_lock_request" in line)
+
+
+def test_a_killed_manager_fails_faults_at_once_and_gets_the_kernels_pages_back(tmp_path, kernels):
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    first = MountSession(store, mnt, [], allow_errors=True)
+    try:
+        obj = _make_object(mnt, "shared", 64 * 1024)
+        address = first.listen_address
+        k1 = kernels(address, "k1", retries=100)
+        k1.command("map shared 64K")
+        k1.command("write shared+0 synced before the crash")
+        # `sync` through ctl returns once the kernel's changes are in the store: acknowledged.
+        subprocess.run(["sh", "-c", f"echo sync > {obj}/ctl"], check=True, timeout=60)
+        k1.command("write shared+20000 only in k1")  # dirty in the kernel, never returned
+
+        before_crash = len(k1.info)
+        os.kill(first.pid, 9)
+        first.process.wait()
+        k1.wait_for_info("lost the manager", since=before_crash)
+        started = time.monotonic()
+        answer = k1.answer_to("read shared+40000 4")
+        took = time.monotonic() - started
+        assert answer.startswith("error") and "KERN_MEMORY_ERROR" in answer, answer
+        assert took < 1.0, f"the fault took {took:.2f} s to fail"
+        # The object is dead for the kernel's tasks now; its changed pages are kept aside.
+        assert "KERN_MEMORY_ERROR" in k1.answer_to("read shared+20000 4")
+    finally:
+        first.close()
+
+    with MountSession(store, mnt, []) as second:
+        assert second.listen_address == address
+        k1.wait_for_info("connected to manager", timeout=30, since=before_crash)
+        # Acknowledged by sync before the crash: on disk.
+        assert _read_file(obj / "data", 0, 23) == b"synced before the crash"
+        # The kernel's dirty page comes back when the object is mapped again.
+        k1.command("unmap shared")
+        answer = k1.command("map shared 64K")
+        assert "returned=" in answer and int(answer.rsplit("returned=", 1)[1]) >= 1, answer
+        k1.command("sync")
+        assert _read_file(obj / "data", 20000, 10) == b"only in k1"
+        assert k1.command("read shared+20000 10 text").endswith("'only in k1'")
+        k1.close()
+        assert k1.process.returncode == 0, k1.child_stderr()
+
+
+def test_a_kernel_process_without_a_manager_says_so_and_exits(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "kernelsim", "run", "--connect", f"unix:{tmp_path}/nobody.sock", "--name", "k1", "--retries", "2"],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "attempt 2/2" in result.stdout and "gave up reaching the manager" in result.stdout
+    assert f"kernelsim run: cannot reach the manager at unix:{tmp_path}/nobody.sock" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _free_tcp_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_kernel_processes_connect_over_tcp_too(tmp_path, kernels):
+    port = _free_tcp_port()
+    with MountSession(tmp_path / "store", tmp_path / "mnt", [], extra_args=["--listen", f"tcp:127.0.0.1:{port}"]) as session:
+        assert session.listen_address == f"tcp:127.0.0.1:{port}"
+        obj = _make_object(session.mountpoint, "shared", 16 * 1024)
+        k1 = kernels(session.listen_address, "k1")
+        k1.command("map shared 16K")
+        k1.command("write shared+5 over tcp")
+        assert _read_file(obj / "data", 5, 8) == b"over tcp"
+        k1.close()
+        assert k1.process.returncode == 0, k1.child_stderr()
+
+
+def test_a_second_daemon_does_not_take_a_live_daemons_socket(manager, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (tmp_path / "store2").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "fusepager", "mount", str(tmp_path / "store2"), str(other), "--listen", manager.listen_address],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "another manager is listening there" in result.stdout + result.stderr
+    assert not os.path.ismount(other)
+    # The first daemon still takes kernels on it.
+    assert os.path.exists(_unix_path(manager.listen_address))
+
+
+def _unix_path(address: str) -> str:
+    return address.removeprefix("unix:")
