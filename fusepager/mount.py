@@ -276,7 +276,7 @@ def _close_listeners(listeners: list[trio.SocketListener], listen: Address | Non
         listen.remove()
 
 
-MAX_KERNEL_CONNECTIONS = 256
+MAX_KERNEL_CONNECTIONS = 64
 
 
 def default_listen(store_path: str) -> Address:

@@ -256,3 +256,32 @@ def test_a_second_daemon_does_not_take_a_live_daemons_socket(manager, tmp_path):
 
 def _unix_path(address: str) -> str:
     return address.removeprefix("unix:")
+
+
+@pytest.mark.parametrize("strategy", ["none", "call", "delay"])
+def test_copies_across_processes_keep_the_old_bytes(manager, kernels, tmp_path, strategy):
+    """Rights that move (memory_object_copy's new object, its init) cross the socket too: a
+    child forked in one kernel process keeps the bytes as of the fork while another kernel
+    process and the mount change the original."""
+    obj = _make_object(manager.mountpoint, "obj", 64 * 1024)
+    subprocess.run(["setfattr", "-n", "user.mach.copy_strategy", "-v", strategy, str(obj)], check=True)
+    k1 = kernels(manager.listen_address, "k1", page_size=4096)
+    k2 = kernels(manager.listen_address, "k2", page_size=16384)
+    k1.command("map obj 64K")
+    k1.command("fill obj 65536 97")  # 'a' everywhere, dirty in k1
+    k1.command("fork child")
+    k2.command("map obj 64K")
+    k2.command("write obj+100 k2 changed it")
+    (tmp_path / "change").write_bytes(b"dd changed it")
+    subprocess.run(["dd", f"if={tmp_path / 'change'}", f"of={obj / 'data'}", "bs=1", "seek=40000", "conv=notrunc", "status=none"], check=True)
+
+    k1.command("task child")
+    child = bytes.fromhex(k1.command("read obj 65536").split()[-1])
+    k1.command("task t1")
+    assert child == b"a" * 65536
+    parent = k1.command("read obj+100 13 text") + k1.command("read obj+40000 13 text")
+    assert "'k2 changed it'" in parent and "'dd changed it'" in parent
+    if strategy == "call":
+        (snapshot,) = os.listdir(obj / "snapshots")
+        (tmp_path / "child-view").write_bytes(child)
+        subprocess.run(["cmp", str(obj / "snapshots" / snapshot), str(tmp_path / "child-view")], check=True)
