@@ -32,20 +32,21 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import pkgutil
 import platform
+import shlex
 import signal
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
-import trio
-
-from benchmarks.common import ROOT, BenchError, progress
 import benchmarks
+import trio
+from benchmarks.common import PROGRESS, ROOT, BenchError
 from benchmarks.cross_process import _pong_server
-from benchmarks.report import markdown
-
+from benchmarks.report import chart, markdown
 
 
 def discover_cases() -> dict:
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", action="append", choices=sorted(CASES), help="run only this case (repeatable)")
     parser.add_argument("--runs", type=int, default=5, help="runs per figure; the median is reported (default 5)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
-    parser.add_argument("--output", type=Path, default=ROOT / "bench-results", help="where bench.json goes")
+    parser.add_argument("--output", type=Path, default=ROOT / "bench-results", help="where bench.json, bench.md and bench.png go")
     parser.add_argument(
         "--cache", type=Path, default=ROOT / "bench-results" / "cache", help="where downloaded comparison programs are kept"
     )
@@ -88,22 +89,32 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--runs must be at least 1")
     signal.signal(signal.SIGTERM, _interrupted)  # so that cases unmount what they mounted
     results = []
-    for name in args.case or list(CASES):
-        try:
-            results.extend(CASES[name](args))
-        except BenchError as error:
-            progress("")
-            print(f"scripts/bench: {name}: {error}", file=sys.stderr)
-            return 1
-    progress("")
-    print(markdown(results))
+    names = args.case or list(CASES)
+    with PROGRESS:
+        overall = PROGRESS.add_task("cases", total=len(names))
+        for name in names:
+            PROGRESS.update(overall, description=f"case {name}")
+            try:
+                results.extend(CASES[name](args))
+            except BenchError as error:
+                PROGRESS.stop()
+                print(f"scripts/bench: {name}: {error}", file=sys.stderr)
+                return 1
+            PROGRESS.advance(overall)
+    command = "scripts/bench " + " ".join(shlex.quote(word) for word in (argv if argv is not None else sys.argv[1:]))
+    table = markdown(results)
+    print(table)
     args.output.mkdir(parents=True, exist_ok=True)
     report = {
-        "machine": {"python": platform.python_version(), "platform": platform.platform()},
-        "results": [asdict(r) for r in results],
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()},
+        "results": [dict(asdict(r), met=r.met) for r in results],
     }
     (args.output / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.output / 'bench.json'}")
+    (args.output / "bench.md").write_text(f"{table}\n\nMade by `{command}` on {report['date']}.\n")
+    chart(results, args.output / "bench.png", f"{command}\n{report['date']} · {platform.platform()} · {os.cpu_count()} CPUs")
+    print(f"\nwrote {args.output / 'bench.json'}, bench.md and bench.png")
     return 0
 
 

@@ -19,6 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 import kernelsim
 from kernelsim import calls
@@ -42,18 +51,47 @@ class Result:
     command: str
     details: dict[str, Any] | None = None  # per-run figures and conditions, for the JSON
     anchor_unit: str = ""  # when the anchor is counted in other units than the figure
+    lower_is_better: bool = False  # the target is a ceiling for the ratio (memory), not a floor
+
+    @property
+    def met(self) -> bool | None:
+        """Whether the ratio meets the target (None when there is none)."""
+        if self.target is None:
+            return None
+        return self.ratio <= self.target if self.lower_is_better else self.ratio >= self.target
+
+
+CONSOLE = Console(stderr=True)
+PROGRESS = Progress(
+    TextColumn("{task.description}"),
+    BarColumn(),
+    MofNCompleteColumn(),
+    TimeElapsedColumn(),
+    console=CONSOLE,
+)
+"""The bars on stderr while the benchmark runs (bench.py starts and stops the display)."""
+_status: TaskID | None = None
 
 
 def progress(text: str) -> None:
-    print(f"\r\033[K{text}", end="", file=sys.stderr, flush=True)
+    """What is happening now, for work that has no count (a download, a mount, a fill)."""
+    global _status
+    if _status is None:
+        _status = PROGRESS.add_task(text, total=None)
+    else:
+        PROGRESS.update(_status, description=text)
 
 
 def median_of(runs: int, label: str, measure: Callable[[], float]) -> float:
+    """The median of `runs` calls of `measure`, with a bar counting them."""
+    task = PROGRESS.add_task(label, total=runs)
     values = []
-    for run in range(runs):
-        progress(f"{label}: run {run + 1}/{runs}")
+    for _ in range(runs):
         values.append(measure())
+        PROGRESS.advance(task)
+    PROGRESS.update(task, description=f"{label}: median {statistics.median(values):,.0f}")
     return statistics.median(values)
+
 
 def _command(case: str, args: argparse.Namespace) -> str:
     return f"scripts/bench --case {case} --runs {args.runs}" + (" --quick" if args.quick else "")
