@@ -114,7 +114,7 @@ class Address:
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             await sock.bind(self.path)
-            sock.listen(128)
+            sock.listen(512)
         except OSError:
             sock.close()
             raise
@@ -176,10 +176,14 @@ class Connection:
         self._moved_in_of: dict[Port, int] = {}
         self._moved_out: dict[Port, int] = {}  # our ports now living at the peer
         self._watched: dict[int, tuple[str, int]] = {}  # port name -> what dies with it
-        self._outgoing: deque[tuple[int, int, Message | None]] = deque()
+        self._outgoing: deque[bytes] = deque()  # frames, encoded when queued
         self._wake_writer = trio.lowlevel.ParkingLot()
         self._written = trio.lowlevel.ParkingLot()
         self._writing = False
+        # A socket's frames are written at once by the sender when nothing is queued before
+        # them: no hop through the writer task, which only finishes what did not fit.
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
+        self._moving: list[tuple[int, Message]] = []
         self._notify = port_allocate(f"connection {local_name} notify")
         self._notify.set_kobject(self._port_died)
         self._buffer = bytearray()
@@ -265,9 +269,6 @@ class Connection:
         for port in list(self._moved_out):
             port._die()
         self._moved_out.clear()
-        for _, _, message in self._outgoing:
-            if message is not None:
-                message.destroy_rights()
         self._outgoing.clear()
         notify = SendRight(self._notify.port)
         for port in list(self._export_of) + list(self._moved_in_of):
@@ -346,18 +347,10 @@ class Connection:
             while not self._outgoing:
                 await self._wake_writer.park()
             self._writing = True
-            kind, reference, message = self._outgoing.popleft()
-            if kind == DEAD:
-                await self._write_frame(DEAD, U64.pack(reference))
-                continue
-            assert message is not None
-            try:
-                body = codec.encode(message, self._name_of)
-            except codec.MessageFormatError as error:
-                self._say(f"dropped an outgoing {message.mach_name}: {error}")
-                message.destroy_rights()
-                continue
-            await self._write_frame(MESSAGE, U64.pack(reference) + body)
+            # Everything queued goes in one write: frames that piled up cost one system call.
+            data = b"".join(self._outgoing)
+            self._outgoing.clear()
+            await self.stream.send_all(data)
 
     def _queue(self, destination: int, message: Message) -> None:
         if self.closed.is_set():
@@ -367,13 +360,36 @@ class Connection:
             self.close(f"{MAX_OUTGOING} messages waiting: the peer is not reading")
             message.destroy_rights()
             raise MachSendInvalidDest(destination & ~YOURS)
-        self._outgoing.append((MESSAGE, destination, message))
-        self._wake_writer.unpark()
+        self._moving = moving = []
+        try:
+            body = codec.encode(message, self._name_of)
+        except codec.MessageFormatError as error:
+            self._say(f"dropped an outgoing {message.mach_name}: {error}")
+            message.destroy_rights()
+            return
+        self._send_frame(HEADER.pack(U64.size + len(body) + 1, MESSAGE) + U64.pack(destination) + body)
+        # Messages that were waiting on a port this one moved to the peer go after it, when
+        # the peer knows the port.
+        for name, waiting in moving:
+            self._queue(name, waiting)
 
     def _queue_dead(self, reference: int) -> None:
         if not self.closed.is_set():
-            self._outgoing.append((DEAD, reference, None))
-            self._wake_writer.unpark()
+            self._send_frame(HEADER.pack(U64.size + 1, DEAD) + U64.pack(reference))
+
+    def _send_frame(self, frame: bytes) -> None:
+        if self._fd is not None and not self._outgoing and not self._writing:
+            try:
+                written = os.write(self._fd, frame)
+            except BlockingIOError:
+                written = 0
+            except OSError:
+                written = 0  # the writer meets the error again and closes the connection
+            if written == len(frame):
+                return
+            frame = frame[written:]
+        self._outgoing.append(frame)
+        self._wake_writer.unpark()
 
     # -- incoming ----------------------------------------------------------------------------
 
@@ -508,8 +524,8 @@ class Connection:
             pending, port._queue = port._queue, deque()
             port.kobject = self._forwarder(name)
             right._valid = False
-            for message in pending:
-                self._queue(name, message)
+            # Queued there: they follow the message that moves the port (see _queue).
+            self._moving.extend((name, message) for message in pending)
         return name
 
     def _export(self, port: Port) -> int:

@@ -22,14 +22,22 @@ def root() -> Path:
 
 
 def pytest_sessionstart(session):
-    """A test run that was killed can leave its FUSE mounts behind; clear them so they never
-    break this run."""
+    """A test run that was killed can leave its FUSE mounts behind; clear the stale ones (their
+    daemon is gone) so they never break this run.  Live ones belong to a run still going."""
     import subprocess
 
+    from fusepager.mount import mount_state
+
     with open("/proc/mounts") as mounts:
-        stale = [line.split()[1] for line in mounts if line.split()[0] == "fusepager" and "/pytest-of-" in line.split()[1]]
-    for point in stale:
-        subprocess.run(["fusermount3", "-u", "-z", point.encode().decode("unicode_escape")], capture_output=True)
+        points = [line.split()[1] for line in mounts if line.split()[0] == "fusepager" and "/pytest-of-" in line.split()[1]]
+    for point in points:
+        point = point.encode().decode("unicode_escape")
+        try:
+            stale = mount_state(point) == "stale"
+        except OSError:
+            stale = True  # neither live nor free: clearing it is the safe side
+        if stale:
+            subprocess.run(["fusermount3", "-u", "-z", point], capture_output=True)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 
 from kernelsim import codec
 from kernelsim.interface import MACH_MSG_TYPE_PORT_SEND, MACH_MSG_TYPE_PORT_SEND_ONCE
@@ -58,7 +59,16 @@ class RawPeer:
         if sock is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(timeout)
-            sock.connect(path)
+            for attempt in range(100):
+                try:
+                    sock.connect(path)
+                    break
+                except ConnectionRefusedError:
+                    # The listener's backlog is full (it is accepting as fast as it can):
+                    # wait, as any client would.
+                    if attempt == 99:
+                        raise
+                    time.sleep(0.01)
         sock.settimeout(timeout)
         self.sock = sock
         self._buffer = b""
@@ -80,10 +90,14 @@ class RawPeer:
         except (BrokenPipeError, ConnectionResetError):
             return False
 
-    def hello(self, name: str = "rogue", bootstrap: int = 0) -> int:
-        """Exchange HELLOs; the other side's bootstrap port name (0: none)."""
+    def hello(self, name: str = "rogue", bootstrap: int = 0) -> int | None:
+        """Exchange HELLOs; the other side's bootstrap port name (0: none), or None if it
+        closed the connection instead (a manager with all its connections taken does)."""
         self.send(frame(HELLO, hello_payload(name, bootstrap)))
-        kind, payload = self.read_frame()
+        got = self.read_frame()
+        if got is None:
+            return None
+        kind, payload = got
         assert kind == HELLO, kind
         (length,) = struct.unpack_from("<H", payload, 2)
         (bootstrap,) = U64.unpack_from(payload, 4 + length)
