@@ -27,11 +27,16 @@ class Trace:
         self.start = 0  # log offset of the first kept byte
         self.end = 0  # log offset after the last byte
         self.listeners: list[Callable[[str], None]] = []
+        self._second = -1
+        self._clock_text = ""
 
     def line(self, text: str) -> None:
         """Append one line (a message, a refusal, a note)."""
         now = self._clock()
-        stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now * 1_000_000) % 1_000_000:06d}"
+        second = int(now)
+        if second != self._second:  # localtime and strftime once a second, not once a line
+            self._second, self._clock_text = second, time.strftime("%H:%M:%S", time.localtime(now))
+        stamp = f"{self._clock_text}.{int(now * 1_000_000) % 1_000_000:06d}"
         data = f"{stamp} {text}\n".encode("utf-8", "backslashreplace")
         self._lines.append(data)
         self._kept += len(data)

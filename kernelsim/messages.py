@@ -13,6 +13,7 @@ it between processes; ports travel as names that the transport translates.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -37,11 +38,7 @@ class Message:
 
     def rights(self) -> list[PortRight]:
         """The port rights this message carries."""
-        return [
-            value
-            for value in (getattr(self, field.name) for field in dataclasses.fields(self))
-            if isinstance(value, PortRight)
-        ]
+        return [value for value in (getattr(self, name) for name in _field_names(type(self))) if isinstance(value, PortRight)]
 
     def destroy_rights(self) -> None:
         """Release what a message that is never received carried (mach_msg_destroy)."""
@@ -50,8 +47,14 @@ class Message:
 
     def describe(self) -> str:
         """One line for a trace: `memory_object_data_request(control=17 offset=0x0 ...)`."""
-        parts = [f"{field.name}={_show(field.name, getattr(self, field.name))}" for field in dataclasses.fields(self)]
+        parts = [f"{name}={_show(name, getattr(self, name))}" for name in _field_names(type(self))]
         return f"{self.mach_name}({' '.join(parts)})"
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    # dataclasses.fields() builds its answer anew at each call: too slow for every message.
+    return tuple(field.name for field in dataclasses.fields(cls))
 
 
 def _show(field_name: str, value: object) -> str:
