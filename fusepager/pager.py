@@ -38,6 +38,7 @@ from kernelsim.interface import (
     KERN_MEMORY_ERROR,
     KERN_MEMORY_FAILURE,
     MEMORY_OBJECT_COPY_DELAY,
+    MEMORY_OBJECT_COPY_TEMPORARY,
     MEMORY_OBJECT_RETURN_ALL,
     MEMORY_OBJECT_RETURN_DIRTY,
     MEMORY_OBJECT_RETURN_NONE,
@@ -59,6 +60,12 @@ T = TypeVar("T")
 
 LOCK_TIMEOUT = 30.0
 """Seconds a verb waits for a kernel's lock_completed before it stops waiting and says so."""
+
+
+_DELAYED_COPIES = (MEMORY_OBJECT_COPY_DELAY, MEMORY_OBJECT_COPY_TEMPORARY)
+"""Strategies under which a kernel copies the object on write by itself (delayed copies): the
+engine asks such a kernel before every change from outside it, and such a kernel may need pages
+from the engine to answer a flush (its copies take the old pages first)."""
 
 
 class LockTimeout(Exception):
@@ -140,14 +147,45 @@ class _Revocation:
     end: int
     done: trio.Event
     kernel: KernelRecord | None = None
+    # Where the kernel may have changed pages (writable in its pagemap when asked), as
+    # [start, end) runs: only there can data that changes the store come back.
+    changing: list[tuple[int, int]] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(eq=False)
+class _AtOnce:
+    """A data_request served at once, out of the grants line, to a kernel being flushed there
+    (`_supply_at_once`); `sent` is set once it has been answered."""
+
+    kernel: KernelRecord
+    start: int
+    end: int
+    sent: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass(eq=False)
+class _Queued:
+    """A data_request waiting for its turn in the grants line.  A flush of its kernel over some
+    of its pages cancels `scope` and sets `at_once`: those pages are served at once, and the
+    rest takes a place in line again (`_turn`)."""
+
+    kernel: KernelRecord
+    start: int
+    end: int
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    at_once: _AtOnce | None = None
+
+
+@dataclass(eq=False)
 class _LockWait:
     offset: int
     length: int
     done: trio.Event = field(default_factory=trio.Event)
     revocation: _Revocation | None = None
+    flush: bool = False
+    lock_value: int = VM_PROT_NONE
+    # Requests served at once over this range while the flush was on its way (_supply_at_once).
+    served: list[_AtOnce] = field(default_factory=list)
 
 
 class Pager:
@@ -189,6 +227,8 @@ class Pager:
         # one after the other, in the order their messages came.
         self.grants = RangeSequencer()
         self.revoking: list[_Revocation] = []
+        self._at_once: list[_AtOnce] = []
+        self._queued: list[_Queued] = []
         self._refused_unlocks: dict[tuple[int, int], PagerError] = {}
         self.manager_locks: dict[tuple[int, int], int] = {}
         self._lock_waits: dict[int, deque[_LockWait]] = {}
@@ -214,6 +254,10 @@ class Pager:
                     self._dispatch(received)
                 except Exception:
                     self._internal_error(f"handling {received.message.mach_name}")
+                finally:
+                    # Every message taken counts, refused or failed too: _catch_up (and
+                    # wait_for_change) wait for the next one taken.
+                    self._changed.unpark_all()
             nursery.cancel_scope.cancel()
 
     def _internal_error(self, doing: str) -> None:
@@ -248,7 +292,6 @@ class Pager:
             self._refuse(f"{message.mach_name} from a control port this pager was never given")
             return
         handler(record, message)
-        self._changed.unpark_all()
 
     def _refuse(self, why: str) -> None:
         self.stats.refused += 1
@@ -315,25 +358,68 @@ class Pager:
                 self.trace.line(f"{record.label} is gone: its control port for {self.name} died")
                 self._forget(record)
 
-    def _being_revoked(self, record: KernelRecord, offset: int, length: int) -> bool:
+    def _flushing(self, record: KernelRecord, offset: int, length: int) -> list[_LockWait]:
+        """The flushes sent to this kernel over these bytes that it has not answered yet."""
         end = offset + length
-        return any(r.kernel is record and r.start < end and offset < r.end for r in self.revoking)
+        return [
+            wait
+            for wait in self._lock_waits.get(record.control.name, ())
+            if wait.flush and not wait.done.is_set() and wait.offset < end and offset < wait.offset + wait.length
+        ]
 
     def _data_request(self, record: KernelRecord, message: m.MemoryObjectDataRequest) -> None:
-        if self._being_revoked(record, message.offset, message.length):
-            # The kernel needs these pages to finish the lock request the engine is waiting
-            # for (its delayed copy takes them before they go): serve them now, read-only, as
-            # they are before the change that waits.
-            self._spawn(self._supply_for_revocation, record, message)
-            return
-        # Exclusive even for reads: a hole is answered with data_unavailable, which makes the page
-        # writable in the kernel, so no two kernels may be granted the same range at once.
-        grant = self.grants.reserve(message.offset, message.length, exclusive=True)
-        self._spawn(self._supply, record, message, grant, time.perf_counter())
+        self._request_pages(record, message.offset, message.length, message.desired_access)
 
-    async def _supply(self, record: KernelRecord, request: m.MemoryObjectDataRequest, grant: Reservation, started: float) -> None:
-        offset, length, access = request.offset, request.length, request.desired_access
-        async with grant:
+    def _request_pages(self, record: KernelRecord, offset: int, length: int, access: int) -> None:
+        """Serve the kernel's request for [offset, offset+length): in the grants line, but for
+        the pages a flush of this kernel covers that it has not answered yet."""
+        end = offset + length
+        covered: list[tuple[int, int]] = []
+        if record.copy_strategy in _DELAYED_COPIES:
+            # The kernel may need those pages to answer the flush (its delayed copies take the
+            # old pages before they go), which the engine waits for, maybe inside a grant this
+            # request would wait behind: they are served now.  (Another kernel answers a
+            # flush at once: nothing waits for its requests.)
+            flushing = self._flushing(record, offset, length)
+            covered = _merge((max(offset, wait.offset), min(end, wait.offset + wait.length)) for wait in flushing)
+            for low, high in covered:
+                self._spawn(self._supply_at_once, record, self._at_once_start(record, low, high - low))
+        for low, high in _gaps(offset, end, covered):
+            # Exclusive even for reads: a hole is answered with data_unavailable, which makes the
+            # page writable in the kernel, so no two kernels may be granted the same range at once.
+            grant = self.grants.reserve(low, high - low, exclusive=True)
+            self._spawn(self._supply, record, low, high - low, access, grant, time.perf_counter())
+
+    async def _turn(self, record: KernelRecord, offset: int, length: int, grant: Reservation) -> _AtOnce | None:
+        """Wait for the grant's turn in line (None when it has come).  If meanwhile the kernel
+        is asked to flush some of these pages, it may need them to answer (its delayed copies
+        take them first, or wait for this request's pages): they must not wait behind the grant
+        that waits for that answer, and are served at once instead (the _AtOnce returned)."""
+        if record.copy_strategy not in _DELAYED_COPIES:
+            await grant.__aenter__()
+            return None
+        queued = _Queued(record, offset, offset + length)
+        self._queued.append(queued)
+        try:
+            with queued.scope:
+                await grant.__aenter__()
+                return None
+        finally:
+            self._queued.remove(queued)
+        grant.release()
+        assert queued.at_once is not None
+        return queued.at_once
+
+    async def _supply(self, record: KernelRecord, offset: int, length: int, access: int, grant: Reservation, started: float) -> None:
+        at_once = await self._turn(record, offset, length, grant)
+        if at_once is not None:
+            # The rest of the request takes a place in line again (or is served at once too,
+            # where another flush of the kernel covers it now).
+            for low, high in _gaps(offset, offset + length, [(at_once.start, at_once.end)]):
+                self._request_pages(record, low, high - low, access)
+            await self._supply_at_once(record, at_once)
+            return
+        try:
             if record.control.name not in self.kernels:
                 return  # terminated meanwhile
             failure = self._refused_unlocks.pop((record.control.name, offset), None)
@@ -342,10 +428,17 @@ class Pager:
                     raise failure
                 await self._revoke(offset, length, access, keep=record)
                 if access & VM_PROT_WRITE:
-                    await self._preserve(offset, length)
-                data = await self._read(offset, length)
+                    await self._preserve(offset, length, asking=record)
+                data = await self._read(offset, length, but=record)
                 if data is not None and len(data) != length:
                     raise PagerError(f"read_pages returned {len(data)} bytes for {length}", KERN_MEMORY_FAILURE)
+                if data is None and not access & VM_PROT_WRITE:
+                    # A hole: data_unavailable leaves the zero-filled page writable in the
+                    # kernel, so it is granted as a write is: the other kernels give the range
+                    # up (copy=delay kernels' copies take the old pages) and the COPY_CALL
+                    # copies save them first.
+                    await self._revoke(offset, length, VM_PROT_WRITE, keep=record)
+                    await self._preserve(offset, length, asking=record)
             except (PagerError, LockTimeout) as error:
                 reason = error.reason if isinstance(error, PagerError) else KERN_MEMORY_FAILURE
                 self.trace.line(f"{self.name} cannot supply {offset:#x}+{length} to {record.label}: {error}")
@@ -367,28 +460,59 @@ class Pager:
                     record.pagemap.grant(offset, length, access & ~lock_value, self.precious)
             if record.pagemap.writable(offset, length):
                 self._changed_data("write_granted", offset, length)
+        finally:
+            grant.release()
         self.stats.served(time.perf_counter() - started)
 
-    async def _supply_for_revocation(self, record: KernelRecord, request: m.MemoryObjectDataRequest) -> None:
-        offset, length = request.offset, request.length
+    def _at_once_start(self, record: KernelRecord, offset: int, length: int) -> _AtOnce:
+        """A request of the kernel's is to be served at once (_supply_at_once), read-only.  From
+        this moment: the pagemap records the pages, so a grant decided from now on asks this
+        kernel; and every flush of the kernel over them that is on its way, or sent before they
+        are, takes them back once answered (_lock_requests): they may reach the kernel after it
+        has applied the flush (a fault that crossed it)."""
+        record.pagemap.grant(offset, length, VM_PROT_READ & ~(VM_PROT_WRITE | self._manager_lock(offset, length)))
+        served = _AtOnce(record, offset, offset + length)
+        self._at_once.append(served)
+        for wait in self._flushing(record, offset, length):
+            wait.served.append(served)
+        return served
+
+    async def _supply_at_once(self, record: KernelRecord, served: _AtOnce) -> None:
+        """Serve, out of the grants line, pages the kernel asked for while flushing them:
+        read-only, as they are before the change that waits for the flush (`_at_once_start`
+        has recorded them)."""
+        offset, length = served.start, served.end - served.start
         try:
-            await self._wait_for_revocations(offset, length, but=record)
-            async with self.sequencer.reserve(offset, length, exclusive=False):
-                data = await self._call(self.callbacks.read_pages, offset, length)
-            if data is not None and len(data) != length:
-                raise PagerError(f"read_pages returned {len(data)} bytes for {length}", KERN_MEMORY_FAILURE)
-        except PagerError as error:
-            self._send(record, m.MemoryObjectDataError(offset=offset, size=length, error_value=error.reason))
-            return
-        if data is None:
-            self._send(record, m.MemoryObjectDataUnavailable(offset=offset, size=length))
-        else:
+            try:
+                # Only another kernel's changes on their way back matter: this kernel has none
+                # here (it asks for the pages), and waiting for a kernel that merely flushes
+                # could wait for one that waits for this very request.
+                await self._wait_for_revocations(offset, length, but=record, returning_only=True)
+                async with self.sequencer.reserve(offset, length, exclusive=False):
+                    data = await self._call(self.callbacks.read_pages, offset, length)
+                if data is not None and len(data) != length:
+                    raise PagerError(f"read_pages returned {len(data)} bytes for {length}", KERN_MEMORY_FAILURE)
+            except PagerError as error:
+                self.trace.line(f"{self.name} cannot supply {offset:#x}+{length} to {record.label}: {error}")
+                if self._send(record, m.MemoryObjectDataError(offset=offset, size=length, error_value=error.reason)):
+                    record.pagemap.remove(offset, length)
+                return
+            if record.control.name not in self.kernels:
+                return
+            # A hole goes as zeros, write-locked: data_unavailable would make the page writable
+            # in the kernel, out of line.  (Where a hole means "the shadow's page" instead, in
+            # a copy or a temporary, the kernel asks only for pages the manager has.)
+            data = data if data is not None else bytes(length)
             lock_value = VM_PROT_WRITE | self._manager_lock(offset, length)
             self._send(record, m.MemoryObjectDataSupply(offset=offset, data=data, lock_value=lock_value, precious=False, reply_to=None))
+        finally:
+            served.sent.set()
+            self._at_once.remove(served)
 
-    async def _read(self, offset: int, length: int) -> bytes | None:
-        """The author's read, after every return in flight for the range has been stored."""
-        await self._wait_for_revocations(offset, length)
+    async def _read(self, offset: int, length: int, *, but: KernelRecord | None = None) -> bytes | None:
+        """The author's read, after every return in flight for the range has been stored (but
+        `but`'s: the kernel asking for the range has nothing of it to return)."""
+        await self._wait_for_revocations(offset, length, but=but)
         async with self.sequencer.reserve(offset, length, exclusive=False):
             return await self._call(self.callbacks.read_pages, offset, length)
 
@@ -592,7 +716,14 @@ class Pager:
             except LockTimeout as error:
                 self.trace.line(f"{self.name} copy for {record.label}: {error}")
             copy = _Copy(next(_copy_ids), offset, length, record.page_size)
-            copy.store = self.callbacks.copy_store(copy.id, length, record.page_size)
+            try:
+                copy.store = self.callbacks.copy_store(copy.id, length, record.page_size)
+            except Exception as error:
+                # The copy must be served all the same, or its task's first fault would wait
+                # for ever: it keeps its pages in memory instead.
+                log.exception("pager %s: copy_store raised for copy %d", self.name, copy.id)
+                self.trace.line(f"{self.name}: copy_store raised {type(error).__name__}: {error}; copy {copy.id} keeps its pages in memory")
+                copy.store = MemoryCopyStore(record.page_size)
             copy.pager = Pager(
                 _CopyCallbacks(self, copy),
                 name=f"{self.name}~{copy.id}",
@@ -617,9 +748,11 @@ class Pager:
         copy.store.discard()  # type: ignore[union-attr]
         self._changed.unpark_all()
 
-    async def _preserve(self, offset: int, length: int) -> None:
+    async def _preserve(self, offset: int, length: int, *, asking: KernelRecord | None = None) -> None:
         """Before the range changes, every copy of it that has not saved its pages there yet
-        saves them, as they are now (every kernel's changes brought back first)."""
+        saves them, as they are now (every kernel's changes brought back first).  `asking` is
+        the kernel of a data_request for the range: it holds none of it, so it has no changes
+        there to bring back (and it may be busy flushing, waiting for this very request)."""
         end = offset + length
         for copy in [c for c in self.copies.values() if c.offset < end and offset < c.offset + c.length]:
             page_size = copy.page_size
@@ -629,12 +762,24 @@ class Pager:
             missing = [o for o in range(low, high, page_size) if o - copy.offset not in copy.store.held]  # type: ignore[union-attr]
             if not missing:
                 continue
-            writers = [r for r in self.kernels.values() if r.ready and r.pagemap.writable(low, high - low)]
+            writers = [r for r in self.kernels.values() if r.ready and r is not asking and r.pagemap.writable(low, high - low)]
             await self._lock_requests(self._lock_items(writers, low, high - low, VM_PROT_WRITE), MEMORY_OBJECT_RETURN_DIRTY, False)
             for page_offset in missing:
-                data = await self._read(page_offset, page_size)
-                await copy.store.write(page_offset - copy.offset, data if data is not None else bytes(page_size))  # type: ignore[union-attr]
+                data = await self._read(page_offset, page_size, but=asking)
+                await self._save(copy, page_offset - copy.offset, data if data is not None else bytes(page_size))
             self.trace.line(f"{self.name}: copy {copy.id} saved {len(missing)} page(s) from {low:#x} before they change")
+
+    async def _save(self, copy: _Copy, offset: int, data: bytes) -> None:
+        """Write an old page to the copy's store.  Anything the store raises fails the change
+        that needed the save, as a PagerError (an OSError on a full disk, say): the change must
+        get its answer, never wait for ever."""
+        try:
+            await copy.store.write(offset, data)  # type: ignore[union-attr]
+        except PagerError:
+            raise
+        except Exception as error:
+            log.exception("pager %s: copy %d could not save the page at %#x", self.name, copy.id, offset)
+            raise PagerError(f"copy {copy.id} cannot save its old page at {offset:#x}: {type(error).__name__}: {error}", KERN_MEMORY_FAILURE) from error
 
     # -- verbs -------------------------------------------------------------------------------
 
@@ -668,7 +813,8 @@ class Pager:
         not answer within LOCK_TIMEOUT raises LockTimeout (a dead kernel's waits just end)."""
         waits = []
         for record, start, size, lock_value in items:
-            wait = _LockWait(start, size)
+            wait = _LockWait(start, size, flush=should_flush, lock_value=lock_value)
+            changing = _merge((page, page + record.page_size) for page in record.pagemap.writable(start, size))
             message = m.MemoryObjectLockRequest(
                 offset=start,
                 size=size,
@@ -682,10 +828,19 @@ class Pager:
                 continue
             if should_flush:
                 record.pagemap.remove(start, size)
+                # Requests of this kernel's for these pages may be what it needs to answer:
+                # those waiting in line are served at once (_turn), and those being served at
+                # once now are taken back after the answer, if they came in after the flush.
+                for queued in self._queued:
+                    if queued.kernel is record and queued.start < start + size and start < queued.end and queued.at_once is None:
+                        queued.scope.cancel()
+                        low, high = max(start, queued.start), min(start + size, queued.end)
+                        queued.at_once = self._at_once_start(record, low, high - low)
+                wait.served = [s for s in self._at_once if s.kernel is record and s.start < start + size and start < s.end]
             else:
                 record.pagemap.restrict(start, size, lock_value)
             if should_return != MEMORY_OBJECT_RETURN_NONE:
-                revocation = _Revocation(start, start + size, wait.done, record)
+                revocation = _Revocation(start, start + size, wait.done, record, changing)
                 self.revoking.append(revocation)
                 wait.revocation = revocation
             waits.append((record, wait))
@@ -701,6 +856,18 @@ class Pager:
                 self.revoking.remove(wait.revocation)
         if silent:
             raise LockTimeout(f"no memory_object_lock_completed from {', '.join(silent)} within {LOCK_TIMEOUT:.0f} s")
+        # Pages served at once to a kernel while it flushed them (_supply_at_once) may have come
+        # in after the flush: the same request takes them back, so the range is gone from the
+        # kernel when this returns, as the caller expects.
+        again = []
+        for record, wait in waits:
+            for served in wait.served:
+                await served.sent.wait()
+                low, high = max(wait.offset, served.start), min(wait.offset + wait.length, served.end)
+                if record.control.name in self.kernels and record.pagemap.held(low, high - low):
+                    again.append((record, low, high - low, wait.lock_value))
+        if again:
+            await self._lock_requests(again, should_return, should_flush)
 
     def _lock_runs(self, record: KernelRecord, offset: int, length: int, lock_value: int) -> list[tuple[KernelRecord, int, int, int]]:
         """Lock requests that add `lock_value` to what a kernel holds of the range, run by run:
@@ -715,10 +882,19 @@ class Pager:
                 items.append((record, low, high - low, lock_value | keep))
         return items
 
-    async def _wait_for_revocations(self, offset: int, length: int, *, but: KernelRecord | None = None) -> None:
+    async def _wait_for_revocations(
+        self, offset: int, length: int, *, but: KernelRecord | None = None, returning_only: bool = False
+    ) -> None:
+        """Until no data is on its way back over the range: from any kernel but `but`, and
+        with `returning_only`, only where a kernel may have changed it."""
         end = offset + length
+
+        def overlaps(revocation: _Revocation) -> bool:
+            runs = revocation.changing if returning_only else [(revocation.start, revocation.end)]
+            return any(start < end and offset < stop for start, stop in runs)
+
         while True:
-            pending = [r for r in self.revoking if r.start < end and offset < r.end and r.kernel is not but]
+            pending = [r for r in self.revoking if r.kernel is not but and overlaps(r)]
             if not pending:
                 return
             for revocation in pending:
@@ -732,10 +908,10 @@ class Pager:
         changes and keeps a read-only copy."""
         others = [r for r in self.kernels.values() if r is not keep and r.ready]
         if access & VM_PROT_WRITE:
-            # A kernel told copy=delay may hold a delayed copy that reads the range through its
-            # pages, cached or not: it is asked too, so the copy takes the old pages first.  A
-            # kernel with no copy answers at once.
-            holders = [r for r in others if r.pagemap.held(offset, length) or r.copy_strategy == MEMORY_OBJECT_COPY_DELAY]
+            # A kernel told copy=delay (or copy=temporary, which it copies the same way) may hold
+            # a delayed copy that reads the range through its pages, cached or not: it is asked
+            # too, so the copy takes the old pages first.  A kernel with no copy answers at once.
+            holders = [r for r in others if r.pagemap.held(offset, length) or r.copy_strategy in _DELAYED_COPIES]
             await self._lock_request(holders, offset, length, MEMORY_OBJECT_RETURN_DIRTY, True, VM_PROT_NONE)
         else:
             writers = [r for r in others if r.pagemap.writable(offset, length)]
@@ -765,8 +941,8 @@ class Pager:
 
     async def _catch_up(self) -> None:
         """Until every message already queued on the object port has been taken and its state
-        change applied: a write from the mount must not overtake, say, a memory_object_copy a
-        kernel sent before it."""
+        change applied (or the message refused): a write from the mount must not overtake, say,
+        a memory_object_copy a kernel sent before it.  serve wakes it after every message."""
         while self.port.port.queued:
             await self._changed.park()
 
@@ -923,6 +1099,29 @@ class Pager:
 
 
 _copy_ids = itertools.count(1)
+
+
+def _merge(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """[start, end) ranges as sorted runs, overlapping or adjacent ones merged."""
+    runs: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if runs and start <= runs[-1][1]:
+            runs[-1] = (runs[-1][0], max(runs[-1][1], end))
+        else:
+            runs.append((start, end))
+    return runs
+
+
+def _gaps(start: int, end: int, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of [start, end) outside sorted, disjoint `runs`."""
+    gaps = []
+    for low, high in runs:
+        if start < low:
+            gaps.append((start, min(low, end)))
+        start = max(start, high)
+    if start < end:
+        gaps.append((start, end))
+    return gaps
 
 
 async def _result(value: Any) -> Any:

@@ -26,6 +26,7 @@ from .interface import (
     VM_PROT_ALL,
     VM_PROT_NONE,
     VM_PROT_READ,
+    VM_PROT_WRITE,
     KernError,
     KernResourceShortage,
     MachSendInvalidDest,
@@ -53,6 +54,7 @@ from .vm_pageout import return_pages
 if TYPE_CHECKING:
     from .kernel import Kernel
     from .vm_object import VMObject
+    from .vm_page import Page
 
 log = logging.getLogger("kernelsim.memory_object")
 
@@ -184,6 +186,7 @@ class ControlServer:
                     break
             start = page_offset - offset
             page.fill(view[start : start + page_size], message.lock_value, message.precious)
+            _lock_if_copied(object, page)
             kernel.stats.pages_supplied += 1
         self._supply_completed(object, message, result, error_offset)
 
@@ -217,6 +220,7 @@ class ControlServer:
                 self.kernel.objects.free_page(page)
             else:
                 page.fill(bytes(page_size), VM_PROT_NONE, precious=False)
+                _lock_if_copied(object, page)
                 self.kernel.stats.zero_fills += 1
 
     def data_error(self, object: VMObject, message: MemoryObjectDataError) -> None:
@@ -303,6 +307,8 @@ class ControlServer:
         for page in pages:
             page.page_lock = message.lock_value
             page.unlock_request &= message.lock_value
+            if not message.lock_value & VM_PROT_WRITE:
+                _lock_if_copied(object, page)
         if message.should_return != MEMORY_OBJECT_RETURN_NONE:
             wanted = [
                 page
@@ -325,6 +331,15 @@ class ControlServer:
 
     def destroy(self, object: VMObject, message: MemoryObjectDestroy) -> None:
         self.kernel.objects.destroy(object, message.reason)
+
+
+def _lock_if_copied(object: VMObject, page: Page) -> None:
+    """A page that was on its way when a COPY_CALL copy of it was made gets the copy's write
+    lock now, whatever the manager's answer to the earlier request says (vm_copy._copy_call).
+    Its unlock request is clear, so a write asks the manager again, which knows of the copy."""
+    if page in object.lock_on_arrival:
+        object.lock_on_arrival.discard(page)
+        page.page_lock |= VM_PROT_WRITE
 
 
 class NotifyServer:

@@ -7,8 +7,9 @@ its manager gave in memory_object_ready (internal objects are always copied on w
 - MEMORY_OBJECT_COPY_NONE: the kernel copies the data now, into a new internal object.
 - MEMORY_OBJECT_COPY_CALL: the kernel tells the manager (memory_object_copy, with a new memory
   object whose every right it gets, then memory_object_init on it); the resident pages of the
-  original are write-locked (a write must now ask, so the manager can keep the old contents);
-  the manager serves the copy, and its data_unavailable means "the original's page".
+  original are write-locked (a write must now ask, so the manager can keep the old contents),
+  and so are the pages on their way in, when they come; the manager serves the copy, and its
+  data_unavailable means "the original's page".
 - MEMORY_OBJECT_COPY_DELAY (and internal objects): a copy object shadows the original; a page
   is copied when either side writes it (vm_fault pushes the original's old page into the copy).
 """
@@ -112,6 +113,12 @@ def _copy_call(source: VMObject, offset: int, size: int) -> VMObject:
         # so the manager can keep the old contents for the copy.
         if not page.absent:
             page.page_lock |= VM_PROT_WRITE
+        if page.absent or page.unlock_request & VM_PROT_WRITE:
+            # On its way: the manager answers a request made before it heard of the copy, and
+            # that answer may leave the page writable (a supply for writing, a zero-filled
+            # page, a write unlock).  The page is write-locked when it comes all the same, so
+            # the task's write asks again, after the memory_object_copy.
+            source.lock_on_arrival.add(page)
     try:
         source.pager.send(  # type: ignore[union-attr]
             MemoryObjectCopy(old_control=source.control.make_send(), offset=offset, length=size, new_object=port)  # type: ignore[union-attr]

@@ -80,6 +80,9 @@ class VMObject:
         self.unavailable: set[int] = set()
         # Lock requests this object is working through (pushes to a copy may need page-ins).
         self.lock_queue: list = []
+        # Pages on their way (absent, or with a write unlock asked) when a COPY_CALL copy of
+        # them was made: the manager's answer leaves them write-locked (vm_copy._copy_call).
+        self.lock_on_arrival: set[Page] = set()
         self.label = f"{kernel.name} object {self.id}"
         # The name a task found the object by (kernels in other processes): pages it changed
         # outlive a dead manager under this name, to go back when the object is mapped again.
@@ -387,6 +390,7 @@ class ObjectTable:
     def _free_pages(self, object: VMObject) -> None:
         resident = self.kernel.resident
         pages, object.pages = object.pages, {}
+        object.lock_on_arrival.clear()
         for page in pages.values():
             resident.remove(page)
             page.wakeup()
@@ -395,6 +399,7 @@ class ObjectTable:
         object = page.object
         if object.pages.get(page.offset) is page:
             del object.pages[page.offset]
+        object.lock_on_arrival.discard(page)
         self.kernel.resident.remove(page)
         page.wakeup()
 
