@@ -80,6 +80,15 @@ class Handle:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def bypasses_cache(flags: int) -> bool:
+    """Whether an open of `data` with these flags gets direct_io, bypassing Linux's cache:
+    write-only ones.  Their writes then come to the daemon straight from the writer's buffer,
+    without a copy into cached pages that nobody reads through that handle (nor a GETXATTR of
+    security.capability before each write).  A write-only handle cannot be mmapped (mmap needs
+    read access), so mmap and every read keep the cache."""
+    return (flags & os.O_ACCMODE) == os.O_WRONLY
+
+
 class PagerFS(pyfuse3.Operations):
     enable_writeback_cache = False
 
@@ -98,6 +107,9 @@ class PagerFS(pyfuse3.Operations):
         self._invalidating: set[int] = set()
         self._changes: dict[int, int] = {}  # per data inode: kernel changes seen ...
         self._invalidated: dict[int, int] = {}  # ... and how many Linux's cache has caught up with
+        self._cached_handles: dict[int, int] = {}  # per data inode: open handles using Linux's cache ...
+        self._cached_opens: dict[int, int] = {}  # ... how many were ever opened ...
+        self._may_be_cached: set[int] = set()  # ... and whether Linux may hold pages of it
         manager.on_object_changed = self._object_changed
 
     def init(self) -> None:
@@ -109,8 +121,10 @@ class PagerFS(pyfuse3.Operations):
         """Kernels changed the object's bytes (or may now): Linux must not serve `data` from its
         cache any more, so a program with it mmapped sees the change at its next touch."""
         inode = self._inodes.get(Node("data", name))
-        if inode is None:
-            return
+        if inode is not None:
+            self._data_changed(inode)
+
+    def _data_changed(self, inode: int) -> None:
         self._changes[inode] = self._changes.get(inode, 0) + 1
         if inode not in self._invalidating:
             self._invalidating.add(inode)
@@ -121,8 +135,11 @@ class PagerFS(pyfuse3.Operations):
         try:
             while self._invalidated.get(inode, 0) != self._changes[inode]:
                 generation = self._changes[inode]
+                opens, idle = self._cached_opens.get(inode, 0), not self._cached_handles.get(inode)
                 await trio.to_thread.run_sync(_invalidate_inode, inode)
                 self._invalidated[inode] = generation
+                if idle and self._cached_opens.get(inode, 0) == opens:
+                    self._may_be_cached.discard(inode)  # no handle was there to cache a page since
         finally:
             self._invalidating.discard(inode)
 
@@ -459,10 +476,16 @@ class PagerFS(pyfuse3.Operations):
         if writable and node.kind == "kfile" and node.file == "ready":
             raise self._refuse(errno.EBUSY, f"{self._path(node)}: memory_object_ready was already sent")
         if node.kind == "data":
+            stored = self._store_call(self.manager.store.open, node.object)
+            direct = bypasses_cache(flags)
+            if not direct:
+                self._cached_handles[inode] = self._cached_handles.get(inode, 0) + 1
+                self._cached_opens[inode] = self._cached_opens.get(inode, 0) + 1
+                self._may_be_cached.add(inode)
+            handle = Handle(node, writable, extra={"stored": stored, "inode": inode, "direct": direct})
             # A new open drops Linux's cached pages unless they are known to be current, so a
             # read(2) right after a kernel's change never sees the old bytes.
-            handle = Handle(node, writable, extra={"stored": self._store_call(self.manager.store.open, node.object)})
-            return pyfuse3.FileInfo(fh=self._new_handle(handle), keep_cache=self._cache_is_valid(node))
+            return pyfuse3.FileInfo(fh=self._new_handle(handle), keep_cache=self._cache_is_valid(node), direct_io=direct)
         content = None if node.kind in ("trace", "tdata", "snapshot") or writable else self._content(node)
         return pyfuse3.FileInfo(fh=self._new_handle(Handle(node, writable, content)), direct_io=True)
 
@@ -543,9 +566,18 @@ class PagerFS(pyfuse3.Operations):
         if node.kind == "data":
             stored = handle.extra["stored"]
             pager = self._pager(node)
-            if pager is None:
-                return self._store_call(stored.write, off, buf)
-            return await self._engine(node, pager.write_through(off, len(buf), lambda: self._store_call(stored.write, off, buf)))
+            try:
+                if pager is None:
+                    return self._store_call(stored.write, off, buf)
+                return await self._engine(node, pager.write_through(off, len(buf), lambda: self._store_call(stored.write, off, buf)))
+            finally:
+                if handle.extra["direct"] and handle.extra["inode"] in self._may_be_cached:
+                    # A direct write does not go through Linux's cache.  Linux drops the cached
+                    # pages of the range before sending it (6.18 does; not every version has),
+                    # but a page read meanwhile through another handle would hold the old
+                    # bytes: the cache is dropped in the background, as after a kernel's change
+                    # (and an open meanwhile does not keep it).
+                    self._data_changed(handle.extra["inode"])
         text = self._text(buf, node)
         if node.kind == "ctl":
             for line in text.splitlines() or [""]:
@@ -612,6 +644,8 @@ class PagerFS(pyfuse3.Operations):
         handle = self._handles.pop(fh, None)
         if handle is not None:
             self._pending_ready.discard(handle.node)
+            if handle.node.kind == "data" and not handle.extra["direct"]:
+                self._cached_handles[handle.extra["inode"]] -= 1
 
     async def flush(self, fh: int) -> None:
         pass

@@ -8,13 +8,14 @@ Cases:
   fault-rate   single-page faults per second of a task touching N pages served by an
                in-process manager, vs a trio memory-channel ping-pong (round trips per second)
                between two tasks.  Target: ratio >= 0.5.
-  mount-read   sequential read (1 MiB reads) of a 1 GiB object's `data` through the mount
-               (`fusepager mount`), vs pyfuse3's examples/passthroughfs.py over the same file
-               (from pyfuse3's source distribution, downloaded at benchmark time and cached in
-               bench-results/cache, never committed) and vs the raw backing file.  Target:
-               >= 2x the passthrough example, with the page cache dropped before each read
-               (cold; root only) and with the backing file cached but every byte going through
-               the FUSE daemon.  A repeat read with Linux's cache kept is shown for information.
+  mount        an object's `data` through `fusepager mount`, vs scripts/benchmarks/bare_fs.py (a
+               bare pyfuse3 file system serving one cached buffer: the ceiling), pyfuse3's
+               examples/passthroughfs.py (from pyfuse3's source distribution, downloaded at
+               benchmark time into bench-results/cache, never committed) and the raw file:
+               sequential 1 MiB reads of 1 GiB (page cache dropped / backing file cached / kept),
+               20,000 random 4 KiB reads, a sequential 1 GiB write (O_WRONLY, open to close, no
+               fsync).  Targets: reads >= 0.8x bare and >= 2x the example; write >= 1.5x the
+               example.
   ping-pong    write ownership of one page moving between two kernels (4 KiB pages), each
                write taking the page from the other: transfers per second, beside the
                single-page fault rate.

@@ -1,4 +1,4 @@
-"""scripts/bench's mount-read case, run for real at its --quick size."""
+"""scripts/bench's mount case (and cross-process), run for real at their --quick sizes."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+PASSTHROUGH = "pyfuse3 examples/passthroughfs.py, same file"
+BARE = "bare pyfuse3 file system, one cached buffer (ceiling)"
+RAW = "raw backing file"
 
 
 def _mounts_under(directory: Path) -> list[str]:
@@ -19,11 +22,11 @@ def _mounts_under(directory: Path) -> list[str]:
     return [point for point in points if point.startswith(f"{directory}/")]
 
 
-def test_bench_mount_read_quick_run_reports_and_leaves_no_mount(tmp_path):
+def test_bench_mount_quick_run_reports_every_figure_and_leaves_no_mount(tmp_path):
     work = tmp_path / "work"  # the case's temporary directories (store, mount points) go here
     work.mkdir()
     output = tmp_path / "out"
-    command = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--case", "mount-read", "--quick", "--runs", "1", "--output", str(output)]
+    command = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--case", "mount", "--quick", "--runs", "1", "--output", str(output)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=dict(os.environ, TMPDIR=str(work)))
 
     left = _mounts_under(tmp_path)
@@ -35,28 +38,51 @@ def test_bench_mount_read_quick_run_reports_and_leaves_no_mount(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
     report = json.loads((output / "bench.json").read_text())
-    figures = [r for r in report["results"] if r["case"] == "mount-read"]
+    figures = [r for r in report["results"] if r["case"] == "mount"]
     assert figures and len(figures) == len(report["results"])
     for figure in figures:
-        assert figure["unit"] == "MB/s"
+        assert figure["unit"] in ("MB/s", "reads/s")
         assert figure["value"] > 0 and figure["anchor_value"] > 0
         assert figure["ratio"] == pytest.approx(figure["value"] / figure["anchor_value"], rel=1e-9)
-        assert figure["runs"] == 1 and "--case mount-read" in figure["command"] and "--quick" in figure["command"]
+        assert figure["runs"] == 1 and figure["command"] == "scripts/bench --case mount --runs 1 --quick"
         assert figure["details"]["bytes"] == 32 << 20
-        for runs in figure["details"]["runs_MB_per_s"].values():
+        assert figure["anchor"] in (PASSTHROUGH, BARE, RAW)
+        per_run = figure["details"]["per_run"]
+        assert set(per_run) == {"mount", {PASSTHROUGH: "passthrough", BARE: "bare", RAW: "raw"}[figure["anchor"]]}
+        for runs in per_run.values():
             assert len(runs) == 1 and runs[0] > 0
-    against_passthrough = [f for f in figures if "passthroughfs.py" in f["anchor"] and f["target"] is not None]
-    against_raw = [f for f in figures if f["anchor"] == "raw backing file"]
-    assert against_passthrough and all(f["target"] == 2.0 for f in against_passthrough)
-    assert against_raw and all(f["target"] is None for f in against_raw)
-    # One regime's figures share the mount's value: the same reads, judged against two anchors.
-    for passthrough in against_passthrough:
-        (raw,) = [f for f in against_raw if f["figure"] == passthrough["figure"]]
-        assert raw["value"] == passthrough["value"]
-    # As root the cold figure (page cache dropped before each read) is there.
+        assert len(figure["details"]["ratio_per_run"]) == 1
+        cpu = figure["details"]["cpu_us_per_op"]  # CPU time per MiB (per read): daemon and benchmark
+        assert set(cpu) == set(per_run) and cpu["mount"]["daemon"] is not None
+        assert (cpu["raw"]["daemon"] is None) if "raw" in cpu else all(c["daemon"] is not None for c in cpu.values())
+    by_regime: dict[str, list[dict]] = {}
+    for figure in figures:
+        by_regime.setdefault(figure["details"]["regime"], []).append(figure)
+    # As root the cold figures (page cache dropped before each read) are there too.
+    expected = {"fuse": {BARE, PASSTHROUGH, RAW}, "kept": {PASSTHROUGH}, "random": {BARE, PASSTHROUGH, RAW}, "write": {BARE, PASSTHROUGH, RAW}}
     if os.geteuid() == 0:
-        assert any("page cache dropped" in f["figure"] for f in against_passthrough)
-    assert "| mount-read |" in result.stdout
+        expected["cold"] = {PASSTHROUGH, RAW}
+    assert {regime: {f["anchor"] for f in found} for regime, found in by_regime.items()} == expected
+    targets = {
+        ("cold", PASSTHROUGH): 2.0,
+        ("fuse", BARE): 0.8,
+        ("fuse", PASSTHROUGH): 2.0,
+        ("random", BARE): 0.8,
+        ("random", PASSTHROUGH): 2.0,
+        ("write", PASSTHROUGH): 1.5,
+    }
+    for regime, found in by_regime.items():
+        # One regime's figures share the mount's value: the same runs, judged against each anchor.
+        assert len({(f["figure"], f["value"]) for f in found}) == 1
+        for figure in found:
+            assert figure["target"] == targets.get((regime, figure["anchor"]))
+    (random_figure, *_) = by_regime["random"]
+    assert random_figure["unit"] == "reads/s" and random_figure["details"]["reads"] == 2_000
+    assert random_figure["details"]["read_size"] == 4096
+    (write_figure, *_) = by_regime["write"]
+    assert write_figure["details"]["fsync"] is False and "no fsync" in write_figure["figure"]
+    assert all(f["unit"] == "MB/s" for regime in ("fuse", "kept", "write") for f in by_regime[regime])
+    assert "| mount |" in result.stdout
 
 
 def test_bench_cross_process_quick_run_reports_and_leaves_nothing_behind(tmp_path):

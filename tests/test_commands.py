@@ -71,7 +71,7 @@ def test_the_readme_python_example_runs():
 
 
 def test_bench_quick_smoke_run_of_the_in_process_cases(tmp_path):
-    # mount-read has its own test (tests/test_bench_mount.py)
+    # the mount case has its own test (tests/test_bench_mount.py), the others tests/test_bench_cases.py
     cases = ["fault-rate", "ping-pong", "stream-64"]
     arguments = [argument for case in cases for argument in ("--case", case)]
     result = run(sys.executable, "scripts/bench.py", *arguments, "--quick", "--runs", "1", "--output", str(tmp_path), timeout=600)

@@ -67,7 +67,7 @@ def test_fio_verifies_every_block_it_wrote_while_kernels_share_the_object(tmp_pa
                     "--rw=randwrite", "--bs=4k", f"--size={FIO_SIZE}", "--verify=crc32c",
                     "--do_verify=1", "--verify_fatal=1", "--randseed=20261127", "--output-format=json",
                 ],
-                capture_output=True, text=True, timeout=600,
+                capture_output=True, text=True, timeout=600, cwd=tmp_path,  # its verify state files go there
             )  # fmt: skip
         finally:
             kernels.done.set()

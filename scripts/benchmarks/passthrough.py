@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,22 +24,26 @@ from .common import (
     MiB,
     _lazy_unmount,
     _mounted,
+    _tail,
     _wait_mounted,
     progress,
 )
 
 
 @contextmanager
-def passthrough_mount(example: Path, source: Path, mountpoint: Path, log: Path):
-    """pyfuse3's passthroughfs.py mirroring `source` at `mountpoint` (it stays in the
-    foreground: our child); unmounted and the process ended on exit, whatever happened."""
+def foreground_mount(argv: list[str], mountpoint: Path, log: Path, ready: str | None = None):
+    """A FUSE daemon run in the foreground as our child (`argv`, stdout and stderr to `log`),
+    serving `mountpoint`: ready once the mount shows and, if `ready` is given, once that text is
+    in its log.  Unmounted and the process ended on exit, whatever happened."""
     with open(log, "wb") as output:
-        process = subprocess.Popen(
-            [sys.executable, str(example), str(source), str(mountpoint)],
-            stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_mounted(mountpoint, process, log)
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while ready is not None and ready not in _tail(log, 100_000):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"{argv[1]} did not say {ready!r}:\n{_tail(log)}")
+            time.sleep(0.02)
         yield process
     finally:
         if _mounted(mountpoint):
@@ -49,6 +54,11 @@ def passthrough_mount(example: Path, source: Path, mountpoint: Path, log: Path):
             process.kill()
             process.wait()
         _lazy_unmount(mountpoint)
+
+
+def passthrough_mount(example: Path, source: Path, mountpoint: Path, log: Path):
+    """pyfuse3's passthroughfs.py mirroring `source` at `mountpoint` (see foreground_mount)."""
+    return foreground_mount([sys.executable, str(example), str(source), str(mountpoint)], mountpoint, log)
 
 
 def _read_ahead_kb(mountpoint: Path) -> int | None:
@@ -122,7 +132,7 @@ def passthrough_example(cache: Path) -> Path:
     target = cache / f"passthroughfs-{version}.py"
     if target.is_file():
         return target
-    progress(f"mount-read: downloading pyfuse3 {version}'s source distribution for examples/passthroughfs.py")
+    progress(f"mount: downloading pyfuse3 {version}'s source distribution for examples/passthroughfs.py")
     with tempfile.TemporaryDirectory(prefix="fusepager-bench-sdist-") as download:
         archive, origin = _download_sdist("pyfuse3", version, Path(download))
         with tarfile.open(archive, "r:gz") as tar:
