@@ -87,6 +87,12 @@ def _layout(cls: type[Message]) -> tuple[_Field, ...]:
 
 def encode(message: Message, name_of: NameOf) -> bytes:
     """The message's bytes; each port right becomes `name_of(right)`."""
+    return b"".join(encode_parts(message, name_of))
+
+
+def encode_parts(message: Message, name_of: NameOf) -> list[bytes]:
+    """The message's bytes as pieces to be written one after the other (`encode` joins them):
+    a data field is its own piece, the message's own bytes, not a copy."""
     parts = [_ID.pack(message.msg_id)]
     for field in _layout(type(message)):
         value = getattr(message, field.name)
@@ -103,7 +109,7 @@ def encode(message: Message, name_of: NameOf) -> bytes:
             parts.append(_PORT.pack(0, 0))
         else:
             parts.append(_PORT.pack(value.kind, name_of(value)))
-    return b"".join(parts)
+    return parts
 
 
 def decode(data: bytes | bytearray | memoryview, right_for: RightFor) -> Message:

@@ -66,6 +66,36 @@ MAX_OUTGOING = 100_000
 UNIX_PATH_MAX = 107
 """sun_path holds 108 bytes on Linux, the terminating NUL among them."""
 HELLO_TIMEOUT = 10.0
+SOCKET_BUFFER = 4 << 20
+"""The send buffer asked for (SO_SNDBUF): a 1 MiB cluster and more fit."""
+LONG_WRITE = 65536
+"""A message at least this long is written as its pieces, its data never copied."""
+LONG_READ = 65536
+"""A frame at least this long (a cluster of pages) is received into a buffer of its own."""
+FIRST_CHUNK = (1 << 20) + 4096
+"""What such a buffer starts with (a 1 MiB cluster and the rest of its message fit); it
+doubles as the frame's bytes arrive."""
+
+
+class _Pieces:
+    """A long frame as the pieces it is made of (header and fields, and the data uncopied)."""
+
+    __slots__ = ("pieces",)
+
+    def __init__(self, pieces: list[bytes | memoryview]) -> None:
+        self.pieces = pieces
+
+    def after(self, count: int) -> _Pieces:
+        """What is left to write once `count` bytes of it are written."""
+        pieces = self.pieces
+        index = 0
+        while index < len(pieces) and count >= len(pieces[index]):
+            count -= len(pieces[index])
+            index += 1
+        rest = pieces[index:]
+        if rest and count:
+            rest[0] = memoryview(rest[0])[count:]
+        return _Pieces(rest)
 
 
 class TransportError(Exception):
@@ -176,13 +206,24 @@ class Connection:
         self._moved_in_of: dict[Port, int] = {}
         self._moved_out: dict[Port, int] = {}  # our ports now living at the peer
         self._watched: dict[int, tuple[str, int]] = {}  # port name -> what dies with it
-        self._outgoing: deque[bytes] = deque()  # frames, encoded when queued
+        # Frames, encoded when queued: bytes, or for a long one its pieces (`_Pieces`).
+        self._outgoing: deque[bytes | _Pieces] = deque()
         self._wake_writer = trio.lowlevel.ParkingLot()
         self._written = trio.lowlevel.ParkingLot()
         self._writing = False
         # A socket's frames are written at once by the sender when nothing is queued before
         # them: no hop through the writer task, which only finishes what did not fit.
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
+        # A socket's long frames are received straight into a buffer of their own (recv_into).
+        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        if self._socket is not None:
+            # Room for a cluster of pages in flight: it is written in one go and read in one go,
+            # not in slices of the default ~200 KiB, each costing both processes a wake-up.
+            # (Linux caps this at net.core.wmem_max.)
+            try:
+                self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+            except OSError:
+                pass
         self._moving: list[tuple[int, Message]] = []
         self._notify = port_allocate(f"connection {local_name} notify")
         self._notify.set_kobject(self._port_died)
@@ -280,7 +321,7 @@ class Connection:
         bootstrap = self._export(self._bootstrap.port) if self._bootstrap is not None else 0
         return struct.pack("<HH", VERSION, len(name)) + name + U64.pack(bootstrap)
 
-    def _take_hello(self, payload: bytes) -> None:
+    def _take_hello(self, payload: bytes | memoryview) -> None:
         if len(payload) < 4:
             raise TransportError("HELLO too short")
         version, length = struct.unpack_from("<HH", payload)
@@ -289,7 +330,7 @@ class Connection:
         if len(payload) != 4 + length + U64.size:
             raise TransportError("HELLO of the wrong length")
         try:
-            self.peer_name = payload[4 : 4 + length].decode()
+            self.peer_name = bytes(payload[4 : 4 + length]).decode()
         except UnicodeDecodeError:
             raise TransportError("HELLO name is not UTF-8") from None
         (bootstrap,) = U64.unpack_from(payload, 4 + length)
@@ -300,7 +341,9 @@ class Connection:
 
     # -- frames ------------------------------------------------------------------------------
 
-    async def _read_exactly(self, count: int) -> bytes:
+    async def _read_exactly(self, count: int) -> bytes | memoryview:
+        if count - len(self._buffer) >= LONG_READ and self._socket is not None:
+            return await self._receive_long(count)
         while len(self._buffer) < count:
             chunk = await self.stream.receive_some(max(65536, count - len(self._buffer)))
             if not chunk:
@@ -310,7 +353,27 @@ class Connection:
         del self._buffer[:count]
         return data
 
-    async def _read_frame(self) -> tuple[int, bytes]:
+    async def _receive_long(self, count: int) -> memoryview:
+        """`count` bytes (what is buffered, then the socket's) received into a buffer of their
+        own, with no copy through `_buffer`: a cluster of pages costs one pass over its bytes
+        here.  The buffer grows (doubling) as the bytes arrive, so a peer only makes us hold
+        what it has sent."""
+        assert self._socket is not None
+        got = len(self._buffer)
+        data = bytearray(min(count, max(FIRST_CHUNK, got)))
+        data[:got] = self._buffer
+        self._buffer.clear()
+        while got < count:
+            if got == len(data):
+                data += bytes(min(len(data), count - len(data)))
+            with memoryview(data) as view, view[got:count] as rest:
+                received = await self._socket.recv_into(rest)
+            if not received:
+                raise _EndOfStream
+            got += received
+        return memoryview(data)[:count]
+
+    async def _read_frame(self) -> tuple[int, bytes | memoryview]:
         length, kind = HEADER.unpack(await self._read_exactly(HEADER.size))
         if length < 1 or length - 1 > MAX_FRAME:
             raise TransportError(f"frame length {length} outside 1..{MAX_FRAME + 1}")
@@ -347,10 +410,23 @@ class Connection:
             while not self._outgoing:
                 await self._wake_writer.park()
             self._writing = True
-            # Everything queued goes in one write: frames that piled up cost one system call.
-            data = b"".join(self._outgoing)
+            # What is queued goes in as few writes as copying allows: short frames that piled
+            # up are joined (one system call); a long piece (a cluster of pages) is written as
+            # it is, never copied.
+            frames = list(self._outgoing)
             self._outgoing.clear()
-            await self.stream.send_all(data)
+            batch: list[bytes | memoryview] = []
+            for frame in frames:
+                for piece in frame.pieces if isinstance(frame, _Pieces) else (frame,):
+                    if len(piece) < LONG_WRITE:
+                        batch.append(piece)
+                        continue
+                    if batch:
+                        await self.stream.send_all(b"".join(batch))
+                        batch = []
+                    await self.stream.send_all(piece)
+            if batch:
+                await self.stream.send_all(b"".join(batch))
 
     def _queue(self, destination: int, message: Message) -> None:
         if self.closed.is_set():
@@ -362,12 +438,15 @@ class Connection:
             raise MachSendInvalidDest(destination & ~YOURS)
         self._moving = moving = []
         try:
-            body = codec.encode(message, self._name_of)
+            body = codec.encode_parts(message, self._name_of)
         except codec.MessageFormatError as error:
             self._say(f"dropped an outgoing {message.mach_name}: {error}")
             message.destroy_rights()
             return
-        self._send_frame(HEADER.pack(U64.size + len(body) + 1, MESSAGE) + U64.pack(destination) + body)
+        length = sum(map(len, body))
+        body.insert(0, HEADER.pack(U64.size + length + 1, MESSAGE) + U64.pack(destination))
+        # A long message (pages) goes as its pieces, so its data is never copied here.
+        self._send_frame(_Pieces(body) if length >= LONG_WRITE else b"".join(body))
         # Messages that were waiting on a port this one moved to the peer go after it, when
         # the peer knows the port.
         for name, waiting in moving:
@@ -377,23 +456,29 @@ class Connection:
         if not self.closed.is_set():
             self._send_frame(HEADER.pack(U64.size + 1, DEAD) + U64.pack(reference))
 
-    def _send_frame(self, frame: bytes) -> None:
+    def _send_frame(self, frame: bytes | _Pieces) -> None:
         if self._fd is not None and not self._outgoing and not self._writing:
+            pieces = isinstance(frame, _Pieces)
             try:
-                written = os.write(self._fd, frame)
+                written = os.writev(self._fd, frame.pieces) if pieces else os.write(self._fd, frame)
             except BlockingIOError:
                 written = 0
             except OSError:
                 written = 0  # the writer meets the error again and closes the connection
-            if written == len(frame):
-                return
-            frame = frame[written:]
+            if pieces:
+                frame = frame.after(written)
+                if not frame.pieces:
+                    return
+            else:
+                if written == len(frame):
+                    return
+                frame = frame[written:]
         self._outgoing.append(frame)
         self._wake_writer.unpark()
 
     # -- incoming ----------------------------------------------------------------------------
 
-    def _take_message(self, payload: bytes) -> None:
+    def _take_message(self, payload: bytes | memoryview) -> None:
         if len(payload) < U64.size:
             raise TransportError("MESSAGE without a destination")
         (destination,) = U64.unpack_from(payload)
@@ -419,7 +504,7 @@ class Connection:
             return moved.port
         raise TransportError(f"message to the peer's own port {name}")
 
-    def _take_dead(self, payload: bytes) -> None:
+    def _take_dead(self, payload: bytes | memoryview) -> None:
         if len(payload) != U64.size:
             raise TransportError("DEAD frame of the wrong length")
         (reference,) = U64.unpack(payload)

@@ -3,7 +3,7 @@
 Dirty pages go back to their manager with `memory_object_data_return(dirty=True)`, clean precious
 pages with `dirty=False` (the kernel promised to return them), other clean pages are simply
 dropped: the manager still has them.  Adjacent pages of one object that go back together travel
-in one message.
+in one message, of at most RETURN_BYTES.
 """
 
 from __future__ import annotations
@@ -22,6 +22,20 @@ if TYPE_CHECKING:
     from .vm_page import Page
 
 _SCAN_FIRST = 32
+RETURN_BYTES = 1 << 20
+"""The most one data_return (or data_initialize) carries: longer runs go in several messages,
+so no message nears the codec's bound and a manager never buffers much at once."""
+
+
+def _runs(pages: list[Page], page_size: int, same) -> list[list[Page]]:
+    """Runs of adjacent pages (sorted by offset) with the same `same(page)`, none longer than
+    RETURN_BYTES."""
+    most = max(1, RETURN_BYTES // page_size)
+    runs = []
+    for _, run_iter in itertools.groupby(enumerate(pages), key=lambda item: (item[1].offset - item[0] * page_size, same(item[1]))):
+        run = [page for _, page in run_iter]
+        runs.extend(run[start : start + most] for start in range(0, len(run), most))
+    return runs
 
 
 def return_pages(object: VMObject, pages: list[Page], *, kernel_copy: bool) -> None:
@@ -38,11 +52,7 @@ def return_pages(object: VMObject, pages: list[Page], *, kernel_copy: bool) -> N
         return
     if object.pager is None or object.control is None:
         return
-    page_size = kernel.page_size
-    for _, run_iter in itertools.groupby(
-        enumerate(pages), key=lambda item: (item[1].offset - item[0] * page_size, item[1].dirty)
-    ):
-        run = [page for _, page in run_iter]
+    for run in _runs(pages, kernel.page_size, lambda page: page.dirty):
         data = b"".join(bytes(page.data) for page in run)  # type: ignore[arg-type]
         message = MemoryObjectDataReturn(
             control=object.control.make_send(),
@@ -81,11 +91,7 @@ def _page_out_internal(object: VMObject, pages: list[Page]) -> None:
     kernel = object.kernel
     if not kernel.objects.pager_create(object):
         return  # the default manager is gone: the object died with it
-    page_size = kernel.page_size
-    for _, run_iter in itertools.groupby(
-        enumerate(pages), key=lambda item: (item[1].offset - item[0] * page_size, item[1].offset in object.existence)
-    ):
-        run = [page for _, page in run_iter]
+    for run in _runs(pages, kernel.page_size, lambda page: page.offset in object.existence):
         data = b"".join(bytes(page.data) for page in run)  # type: ignore[arg-type]
         known = run[0].offset in object.existence
         control = object.control.make_send()  # type: ignore[union-attr]
@@ -131,15 +137,20 @@ def _cluster(page: Page, limit: int) -> list[Page]:
     return run
 
 
+def _candidates(resident):
+    """Resident pages, least recently used first; the whole list is only copied when the
+    oldest few cannot go (usually one of them can)."""
+    first = resident.oldest(_SCAN_FIRST)
+    yield from first
+    if len(first) == _SCAN_FIRST:
+        yield from resident.oldest(resident.count)[_SCAN_FIRST:]
+
+
 def reclaim(kernel: Kernel) -> int:
     """Evict the least recently used evictable page and a cluster of its neighbours: dirty
     pages and clean precious ones go back to the manager (adjacent ones in one message),
     other clean ones are dropped.  Returns how many frames were freed (0: none can go)."""
-    resident = kernel.resident
-    candidates = resident.oldest(_SCAN_FIRST)
-    if len(candidates) == _SCAN_FIRST:
-        candidates = itertools.chain(candidates, resident.oldest(resident.count)[_SCAN_FIRST:])  # type: ignore[assignment]
-    for page in candidates:
+    for page in _candidates(kernel.resident):
         if not _evictable(page):
             continue
         object = page.object

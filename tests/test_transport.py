@@ -162,3 +162,30 @@ async def test_a_unix_listener_replaces_a_stale_socket_but_nothing_else(tmp_path
         await long.listeners()
     assert raised.value.errno == errno.ENAMETOOLONG
     assert not os.path.exists(long.path)
+
+
+async def test_a_return_bigger_than_a_message_may_carry_arrives_whole(nursery):
+    """A kernel giving back more than the codec's bound at once (here 70 MiB of adjacent dirty
+    pages) splits it into messages the transport can carry: nothing is dropped."""
+    size = 70 << 20
+    manager = TestManager(size=size)
+    bootstrap = port_allocate("name service")
+    nursery.start_soon(manager.run)
+    nursery.start_soon(_name_service, bootstrap, {b"big": manager})
+    near, far = trio.testing.memory_stream_pair()
+    manager_side = Connection(near, local_name="manager", bootstrap=bootstrap)
+    kernel_side = Connection(far, local_name="k1")
+    nursery.start_soon(manager_side.run)
+    await nursery.start(kernel_side.run)
+    answer = await _look_up(kernel_side, b"big")
+    async with kernelsim.boot("k1", 4096, size // 4096 + 16) as kernel:
+        task = await kernel.task_create()
+        address = await task.vm_map(answer.port, size)
+        await task.write(address, bytes(range(256)) * (size // 256))
+        task.vm_deallocate(address, size)
+        await manager.wait_for(m.MemoryObjectTerminate)
+    assert bytes(manager.backing) == bytes(range(256)) * (size // 256)
+    returns = manager.messages(m.MemoryObjectDataReturn)
+    assert all(len(message.data) <= 1 << 20 for message in returns)
+    manager_side.close()
+    kernel_side.close()
