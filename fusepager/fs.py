@@ -126,6 +126,11 @@ class PagerFS(pyfuse3.Operations):
 
     def _data_changed(self, inode: int) -> None:
         self._changes[inode] = self._changes.get(inode, 0) + 1
+        if inode not in self._may_be_cached and inode not in self._invalidating:
+            # No open since the last drop let Linux cache a page of it: nothing to drop (and
+            # no thread to start for every page a kernel is granted).
+            self._invalidated[inode] = self._changes[inode]
+            return
         if inode not in self._invalidating:
             self._invalidating.add(inode)
             self.manager.spawn(self._invalidate, inode)
