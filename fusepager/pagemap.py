@@ -40,6 +40,33 @@ class Pagemap:
         end = offset + length
         return sorted(o for o in self._pages if o + self.page_size > offset and o < end)
 
+    def holds(self, offset: int, length: int) -> bool:
+        """Whether any page of [offset, offset+length) is held (`held`, without the list)."""
+        pages = self._pages
+        if not pages:
+            return False
+        offsets = self._offsets(offset, length)
+        if len(offsets) <= len(pages):
+            return any(o in pages for o in offsets)
+        end = offset + length
+        return any(o + self.page_size > offset and o < end for o in pages)
+
+    def any_writable(self, offset: int, length: int) -> bool:
+        """Whether any held page of [offset, offset+length) may have been written (`writable`,
+        without the list)."""
+        pages = self._pages
+        if not pages:
+            return False
+        offsets = self._offsets(offset, length)
+        if len(offsets) <= len(pages):
+            for o in offsets:
+                grant = pages.get(o)
+                if grant is not None and grant.access & VM_PROT_WRITE:
+                    return True
+            return False
+        end = offset + length
+        return any(o + self.page_size > offset and o < end and grant.access & VM_PROT_WRITE for o, grant in pages.items())
+
     def grant(self, offset: int, length: int, access: int, precious: bool = False) -> None:
         for page in self._offsets(offset, length):
             self._pages[page] = PageGrant(access | VM_PROT_READ, precious)

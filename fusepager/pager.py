@@ -19,11 +19,13 @@ Run it inside a nursery: `await nursery.start(pager.serve)`; give kernels `pager
 
 from __future__ import annotations
 
+import dis
 import functools
 import inspect
 import itertools
 import logging
 import time
+import types
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -127,6 +129,16 @@ class KernelRecord:
     may_cache: bool = False
     copy_strategy: int = MEMORY_OBJECT_COPY_DELAY
     pending_unlocks: list[m.MemoryObjectDataUnlock] = field(default_factory=list)
+    # Ever told copy=delay or copy=temporary: it may hold delayed copies of the object, which
+    # take the old pages before a change, even after it is told another strategy.
+    delayed_copies: bool = False
+
+    def __post_init__(self) -> None:
+        self.delayed_copies = self.delayed_copies or self.copy_strategy in _DELAYED_COPIES
+
+    def tell_copy_strategy(self, copy_strategy: int) -> None:
+        self.copy_strategy = copy_strategy
+        self.delayed_copies = self.delayed_copies or copy_strategy in _DELAYED_COPIES
 
     def round(self, offset: int, length: int) -> tuple[int, int]:
         """The kernel's whole pages covering [offset, offset+length)."""
@@ -188,6 +200,19 @@ class _LockWait:
     served: list[_AtOnce] = field(default_factory=list)
 
 
+_HANDLERS = {
+    m.MemoryObjectInit: "_init",
+    m.MemoryObjectDataRequest: "_data_request",
+    m.MemoryObjectDataUnlock: "_data_unlock",
+    m.MemoryObjectDataReturn: "_data_return",
+    m.MemoryObjectLockCompleted: "_lock_completed",
+    m.MemoryObjectTerminate: "_terminate",
+    m.MemoryObjectCopy: "_copy",
+    m.MemoryObjectDataInitialize: "_data_initialize",
+}
+"""The method that dispatches each kind of message (looked up on the pager each time)."""
+
+
 class Pager:
     def __init__(
         self,
@@ -234,6 +259,8 @@ class Pager:
         self._lock_waits: dict[int, deque[_LockWait]] = {}
         self._nursery: trio.Nursery | None = None
         self._changed = trio.lowlevel.ParkingLot()
+        # The read_pages function last looked at, and how it can run (_read_kind).
+        self._read_kind_of: tuple[object, int] = (None, _READ_IN_TASK)
 
     def __repr__(self) -> str:
         return f"<pager {self.name} kernels={len(self.kernels)}>"
@@ -258,6 +285,7 @@ class Pager:
                     # Every message taken counts, refused or failed too: _catch_up (and
                     # wait_for_change) wait for the next one taken.
                     self._changed.unpark_all()
+                    self.trace.flush()
             nursery.cancel_scope.cancel()
 
     def _internal_error(self, doing: str) -> None:
@@ -273,17 +301,8 @@ class Pager:
         record = self.kernels.get(control.name) if control is not None else None
         source = record.label if record is not None else getattr(control, "host", "") or "?"
         self.trace.message(source, self.name, message)
-        handler = {
-            m.MemoryObjectInit: self._init,
-            m.MemoryObjectDataRequest: self._data_request,
-            m.MemoryObjectDataUnlock: self._data_unlock,
-            m.MemoryObjectDataReturn: self._data_return,
-            m.MemoryObjectLockCompleted: self._lock_completed,
-            m.MemoryObjectTerminate: self._terminate,
-            m.MemoryObjectCopy: self._copy,
-            m.MemoryObjectDataInitialize: self._data_initialize,
-        }.get(type(message))
-        if handler is None:
+        handler_name = _HANDLERS.get(type(message))
+        if handler_name is None:
             self._refuse(f"{message.mach_name} is not served by this pager")
             message.destroy_rights()
             return
@@ -291,7 +310,7 @@ class Pager:
             message.destroy_rights()
             self._refuse(f"{message.mach_name} from a control port this pager was never given")
             return
-        handler(record, message)
+        getattr(self, handler_name)(record, message)
 
     def _refuse(self, why: str) -> None:
         self.stats.refused += 1
@@ -309,7 +328,9 @@ class Pager:
             self._internal_error(f"running {getattr(function, '__name__', function)}")
 
     def _send(self, record: KernelRecord, message: m.Message) -> bool:
-        """Send a call to a kernel's control port; False when the kernel is gone."""
+        """Send a call to a kernel's control port; False when the kernel is gone.  The trace
+        line takes its place first, but its text is made once the message is on its way (for
+        a kernel in another process, that is while the kernel takes it)."""
         self.stats.sent(message)
         self.trace.message(self.name, record.label, message)
         try:
@@ -318,6 +339,7 @@ class Pager:
             self.trace.line(f"{self.name} -> {record.label} lost: the kernel's control port is dead")
             self._forget(record)
             return False
+        self.trace.flush()
         return True
 
     # -- kernel → manager --------------------------------------------------------------------
@@ -372,10 +394,12 @@ class Pager:
 
     def _request_pages(self, record: KernelRecord, offset: int, length: int, access: int) -> None:
         """Serve the kernel's request for [offset, offset+length): in the grants line, but for
-        the pages a flush of this kernel covers that it has not answered yet."""
+        the pages a flush of this kernel covers that it has not answered yet.  Where nothing
+        need wait or be asked first and read_pages cannot block, the answer goes at once
+        (`_supply_now`), with no task and no place in line."""
         end = offset + length
         covered: list[tuple[int, int]] = []
-        if record.copy_strategy in _DELAYED_COPIES:
+        if record.delayed_copies and self._lock_waits.get(record.control.name):
             # The kernel may need those pages to answer the flush (its delayed copies take the
             # old pages before they go), which the engine waits for, maybe inside a grant this
             # request would wait behind: they are served now.  (Another kernel answers a
@@ -384,18 +408,141 @@ class Pager:
             covered = _merge((max(offset, wait.offset), min(end, wait.offset + wait.length)) for wait in flushing)
             for low, high in covered:
                 self._spawn(self._supply_at_once, record, self._at_once_start(record, low, high - low))
-        for low, high in _gaps(offset, end, covered):
+        kind = self._read_kind()
+        started = time.perf_counter()
+        for low, high in _gaps(offset, end, covered) if covered else ((offset, end),):
+            if kind != _READ_IN_TASK and self._free_to_supply(record, low, high - low, access):
+                self._supply_now(record, low, high - low, access, kind, started)
+                continue
             # Exclusive even for reads: a hole is answered with data_unavailable, which makes the
             # page writable in the kernel, so no two kernels may be granted the same range at once.
             grant = self.grants.reserve(low, high - low, exclusive=True)
-            self._spawn(self._supply, record, low, high - low, access, grant, time.perf_counter())
+            self._spawn(self._supply, record, low, high - low, access, grant, started)
+
+    def _read_kind(self) -> int:
+        """How the author's read_pages can run: at once, in the caller's task, when it is a plain
+        function (_READ_PLAIN) or a coroutine function with no await in its body, which
+        completes as soon as it starts (_READ_NEVER_SUSPENDS); else in a task (_READ_IN_TASK).
+        Looked up each time (an author may swap the method), worked out once per function."""
+        read = self.callbacks.read_pages
+        function = getattr(read, "__func__", read)
+        known, kind = self._read_kind_of
+        if function is not known:
+            kind = _read_kind(function)
+            self._read_kind_of = (function, kind)
+        return kind
+
+    def _free_to_supply(self, record: KernelRecord, offset: int, length: int, access: int) -> bool:
+        """Whether `_supply` would run through without waiting: its kernel is there, nothing in
+        the grants line or the storage line comes before it, no other kernel's data is on its way
+        back, no unlock refusal waits for the request, and no other kernel nor copy need be
+        asked first (a hole found by the read may still need that: `_supply_now`)."""
+        if record.control.name not in self.kernels:
+            return False
+        if self.grants.waits(offset, length, exclusive=True) or self.sequencer.waits(offset, length, exclusive=False):
+            return False
+        if self._refused_unlocks and (record.control.name, offset) in self._refused_unlocks:
+            return False
+        end = offset + length
+        for revocation in self.revoking:
+            if revocation.kernel is not record and revocation.start < end and offset < revocation.end:
+                return False
+        write = access & VM_PROT_WRITE
+        if write and self._copied(offset, length):
+            return False
+        for other in self.kernels.values():
+            if other is record or not other.ready:
+                continue
+            if write:
+                if other.delayed_copies or other.pagemap.holds(offset, length):
+                    return False
+            elif other.pagemap.any_writable(offset, length):
+                return False
+        return True
+
+    def _copied(self, offset: int, length: int) -> bool:
+        """Whether a COPY_CALL copy covers any of the range (a change must let it save first)."""
+        end = offset + length
+        return any(c.offset < end and offset < c.offset + c.length for c in self.copies.values())
+
+    def _hole_is_free(self, record: KernelRecord, offset: int, length: int) -> bool:
+        """Whether granting a hole (writable) to `record` needs nothing from the others: no other
+        ready kernel holds the range or is told copy=delay, and no copy covers it."""
+        if self._copied(offset, length):
+            return False
+        for other in self.kernels.values():
+            if other is not record and other.ready and (other.delayed_copies or other.pagemap.holds(offset, length)):
+                return False
+        return True
+
+    def _supply_now(self, record: KernelRecord, offset: int, length: int, access: int, kind: int, started: float) -> None:
+        """`_supply` for a request `_free_to_supply` allows, in the dispatching task: the read
+        and the answer happen now.  What cannot (a hole that the others must give up first, a
+        plain read_pages that returned an awaitable) goes on in a task, holding its places in
+        line from now on."""
+        try:
+            data = self._read_now(kind, offset, length)
+        except PagerError as error:
+            self._cannot_supply(record, offset, length, error)
+            return
+        if data is not None and type(data) is not bytes and inspect.isawaitable(data):
+            grant = self.grants.reserve(offset, length, exclusive=True)
+            storage = self.sequencer.reserve(offset, length, exclusive=False)
+            self._spawn(self._supply_rest, record, offset, length, access, grant, started, data, storage)
+            return
+        if data is not None and len(data) != length:
+            self._cannot_supply(record, offset, length, _wrong_length(data, length))
+            return
+        if data is None and not access & VM_PROT_WRITE and not self._hole_is_free(record, offset, length):
+            grant = self.grants.reserve(offset, length, exclusive=True)
+            self._spawn(self._supply_rest, record, offset, length, access, grant, started, None, None)
+            return
+        self._answer(record, offset, length, access, data, started)
+
+    def _read_now(self, kind: int, offset: int, length: int) -> Any:
+        """The author's read_pages, run to its end here (`_read_kind` says it can), with the
+        wrapper's rules (`_call`).  A plain read_pages may still return an awaitable."""
+        read = self.callbacks.read_pages
+        try:
+            result = read(offset, length)
+            if kind == _READ_NEVER_SUSPENDS:
+                try:
+                    result.send(None)
+                except StopIteration as done:
+                    return done.value
+                result.close()
+                raise RuntimeError("read_pages suspended although its body has no await")
+            return result
+        except PagerError:
+            raise
+        except Exception as error:
+            raise self._callback_failed(read, error) from error
+
+    async def _supply_rest(
+        self, record: KernelRecord, offset: int, length: int, access: int, grant: Reservation, started: float, pending: Any, storage: Reservation | None
+    ) -> None:
+        """The rest of a `_supply_now` that had to wait: the read still under way (`pending`, in
+        its place in the storage line), or a hole the others must give up first."""
+        try:
+            try:
+                data = None
+                if storage is not None:
+                    async with storage:
+                        data = await self._awaited(self.callbacks.read_pages, pending)
+                await self._check_read(record, offset, length, access, data)
+            except (PagerError, LockTimeout) as error:
+                self._cannot_supply(record, offset, length, error)
+                return
+            self._answer(record, offset, length, access, data, started)
+        finally:
+            grant.release()
 
     async def _turn(self, record: KernelRecord, offset: int, length: int, grant: Reservation) -> _AtOnce | None:
         """Wait for the grant's turn in line (None when it has come).  If meanwhile the kernel
         is asked to flush some of these pages, it may need them to answer (its delayed copies
         take them first, or wait for this request's pages): they must not wait behind the grant
         that waits for that answer, and are served at once instead (the _AtOnce returned)."""
-        if record.copy_strategy not in _DELAYED_COPIES:
+        if not record.delayed_copies:
             await grant.__aenter__()
             return None
         queued = _Queued(record, offset, offset + length)
@@ -403,11 +550,15 @@ class Pager:
         try:
             with queued.scope:
                 await grant.__aenter__()
-                return None
         finally:
             self._queued.remove(queued)
+        if queued.at_once is None:
+            assert not queued.scope.cancelled_caught
+            return None
+        # The flush came while the grant waited (its cancel may even have come after the turn
+        # had been given, too late to interrupt the wait): the pages it covers are served at
+        # once, as the flush expects.
         grant.release()
-        assert queued.at_once is not None
         return queued.at_once
 
     async def _supply(self, record: KernelRecord, offset: int, length: int, access: int, grant: Reservation, started: float) -> None:
@@ -430,38 +581,58 @@ class Pager:
                 if access & VM_PROT_WRITE:
                     await self._preserve(offset, length, asking=record)
                 data = await self._read(offset, length, but=record)
-                if data is not None and len(data) != length:
-                    raise PagerError(f"read_pages returned {len(data)} bytes for {length}", KERN_MEMORY_FAILURE)
-                if data is None and not access & VM_PROT_WRITE:
-                    # A hole: data_unavailable leaves the zero-filled page writable in the
-                    # kernel, so it is granted as a write is: the other kernels give the range
-                    # up (copy=delay kernels' copies take the old pages) and the COPY_CALL
-                    # copies save them first.
-                    await self._revoke(offset, length, VM_PROT_WRITE, keep=record)
-                    await self._preserve(offset, length, asking=record)
+                await self._check_read(record, offset, length, access, data)
             except (PagerError, LockTimeout) as error:
-                reason = error.reason if isinstance(error, PagerError) else KERN_MEMORY_FAILURE
-                self.trace.line(f"{self.name} cannot supply {offset:#x}+{length} to {record.label}: {error}")
-                self._send(record, m.MemoryObjectDataError(offset=offset, size=length, error_value=reason))
+                self._cannot_supply(record, offset, length, error)
                 return
-            if record.control.name not in self.kernels:
-                return
-            if data is None:
-                # Zero-filled pages come unlocked (the protocol says so): the kernel may write them.
-                if self._send(record, m.MemoryObjectDataUnavailable(offset=offset, size=length)):
-                    record.pagemap.grant(offset, length, access | VM_PROT_WRITE)
-                    manager_lock = self._manager_lock(offset, length)
-                    if manager_lock:
-                        self._send_lock(record, offset, length, manager_lock)
-            else:
-                lock_value = self._lock_value(offset, length, access)
-                supply = m.MemoryObjectDataSupply(offset=offset, data=data, lock_value=lock_value, precious=self.precious, reply_to=None)
-                if self._send(record, supply):
-                    record.pagemap.grant(offset, length, access & ~lock_value, self.precious)
-            if record.pagemap.writable(offset, length):
-                self._changed_data("write_granted", offset, length)
+            self._answer(record, offset, length, access, data, started)
         finally:
             grant.release()
+
+    async def _check_read(self, record: KernelRecord, offset: int, length: int, access: int, data: bytes | None) -> None:
+        """What must follow read_pages before the answer: its length checked, and for a hole
+        read for reading, the range made safe as for a write."""
+        if data is not None and len(data) != length:
+            raise _wrong_length(data, length)
+        if data is None and not access & VM_PROT_WRITE:
+            # A hole: data_unavailable leaves the zero-filled page writable in the kernel, so it
+            # is granted as a write is: the other kernels give the range up (copy=delay
+            # kernels' copies take the old pages) and the COPY_CALL copies save them first.
+            await self._revoke(offset, length, VM_PROT_WRITE, keep=record)
+            await self._preserve(offset, length, asking=record)
+
+    def _cannot_supply(self, record: KernelRecord, offset: int, length: int, error: PagerError | LockTimeout) -> None:
+        reason = error.reason if isinstance(error, PagerError) else KERN_MEMORY_FAILURE
+        self.trace.line(f"{self.name} cannot supply {offset:#x}+{length} to {record.label}: {error}")
+        self._send(record, m.MemoryObjectDataError(offset=offset, size=length, error_value=reason))
+
+    def _answer(self, record: KernelRecord, offset: int, length: int, access: int, data: bytes | None, started: float) -> None:
+        """Answer a data_request with what read_pages gave, and record the grant."""
+        if record.control.name not in self.kernels:
+            return  # terminated meanwhile
+        if data is None:
+            # Zero-filled pages come unlocked (the protocol says so): the kernel may write them.
+            sent = self._send(record, m.MemoryObjectDataUnavailable(offset=offset, size=length))
+            if sent:
+                record.pagemap.grant(offset, length, access | VM_PROT_WRITE)
+                manager_lock = self._manager_lock(offset, length)
+                if manager_lock:
+                    self._send_lock(record, offset, length, manager_lock)
+            granted = None  # as the pagemap says now (the lock may have been sent or not)
+        else:
+            lock_value = self._lock_value(offset, length, access)
+            supply = m.MemoryObjectDataSupply(offset=offset, data=data, lock_value=lock_value, precious=self.precious, reply_to=None)
+            sent = self._send(record, supply)
+            granted = access & ~lock_value
+            if sent:
+                record.pagemap.grant(offset, length, granted, self.precious)
+        if self.on_change is not None:
+            if sent and granted is not None:
+                writable = bool(granted & VM_PROT_WRITE)  # every page of the range has just got it
+            else:
+                writable = record.pagemap.any_writable(offset, length)
+            if writable:
+                self.on_change("write_granted", offset, length)
         self.stats.served(time.perf_counter() - started)
 
     def _at_once_start(self, record: KernelRecord, offset: int, length: int) -> _AtOnce:
@@ -491,7 +662,7 @@ class Pager:
                 async with self.sequencer.reserve(offset, length, exclusive=False):
                     data = await self._call(self.callbacks.read_pages, offset, length)
                 if data is not None and len(data) != length:
-                    raise PagerError(f"read_pages returned {len(data)} bytes for {length}", KERN_MEMORY_FAILURE)
+                    raise _wrong_length(data, length)
             except PagerError as error:
                 self.trace.line(f"{self.name} cannot supply {offset:#x}+{length} to {record.label}: {error}")
                 if self._send(record, m.MemoryObjectDataError(offset=offset, size=length, error_value=error.reason)):
@@ -517,16 +688,33 @@ class Pager:
             return await self._call(self.callbacks.read_pages, offset, length)
 
     async def _call(self, callback, *args):
-        """An author's callback; anything it raises but PagerError is a bug in it, logged with
-        its traceback and turned into a PagerError, so one bad callback fails one request
-        instead of the pager."""
+        """An author's callback (its result awaited if it is awaitable: read_pages may be a plain
+        function); anything it raises but PagerError is a bug in it, logged with its traceback
+        and turned into a PagerError, so one bad callback fails one request instead of the
+        pager."""
         try:
-            return await callback(*args)
+            result = callback(*args)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
         except PagerError:
             raise
         except Exception as error:
-            log.exception("pager %s: callback %s raised", self.name, callback.__name__)
-            raise PagerError(f"{callback.__name__} raised {type(error).__name__}: {error}", KERN_MEMORY_FAILURE) from error
+            raise self._callback_failed(callback, error) from error
+
+    async def _awaited(self, callback, pending: Any) -> Any:
+        """`_call` for a callback already called, whose result is `pending`, an awaitable."""
+        try:
+            return await pending
+        except PagerError:
+            raise
+        except Exception as error:
+            raise self._callback_failed(callback, error) from error
+
+    def _callback_failed(self, callback, error: Exception) -> PagerError:
+        name = getattr(callback, "__name__", None) or repr(callback)
+        log.exception("pager %s: callback %s raised", self.name, name)
+        return PagerError(f"{name} raised {type(error).__name__}: {error}", KERN_MEMORY_FAILURE)
 
     def _send_lock(self, record: KernelRecord, offset: int, length: int, lock_value: int) -> bool:
         """A lock request that only changes the lock (no return, no flush, no reply)."""
@@ -559,6 +747,8 @@ class Pager:
         return items
 
     def _manager_lock(self, offset: int, length: int) -> int:
+        if not self.manager_locks:
+            return VM_PROT_NONE
         lock = VM_PROT_NONE
         end = offset + length
         for (start, size), prot in self.manager_locks.items():
@@ -786,7 +976,7 @@ class Pager:
     def ready(self, record: KernelRecord, may_cache: bool, copy_strategy: int) -> None:
         """memory_object_ready for one kernel (automatic, or the shell writing `ready`)."""
         record.may_cache = may_cache
-        record.copy_strategy = copy_strategy
+        record.tell_copy_strategy(copy_strategy)
         if self._send(record, m.MemoryObjectReady(may_cache=may_cache, copy_strategy=copy_strategy)):
             record.ready = True
             self._changed.unpark_all()
@@ -911,7 +1101,7 @@ class Pager:
             # A kernel told copy=delay (or copy=temporary, which it copies the same way) may hold
             # a delayed copy that reads the range through its pages, cached or not: it is asked
             # too, so the copy takes the old pages first.  A kernel with no copy answers at once.
-            holders = [r for r in others if r.pagemap.held(offset, length) or r.copy_strategy in _DELAYED_COPIES]
+            holders = [r for r in others if r.pagemap.held(offset, length) or r.delayed_copies]
             await self._lock_request(holders, offset, length, MEMORY_OBJECT_RETURN_DIRTY, True, VM_PROT_NONE)
         else:
             writers = [r for r in others if r.pagemap.writable(offset, length)]
@@ -1034,7 +1224,8 @@ class Pager:
             reply = port_allocate(f"change_attributes reply {self.name}")
             message = m.MemoryObjectChangeAttributes(may_cache=may_cache, copy_strategy=copy_strategy, reply_to=reply.make_send_once())
             if self._send(record, message):
-                record.may_cache, record.copy_strategy = may_cache, copy_strategy
+                record.may_cache = may_cache
+                record.tell_copy_strategy(copy_strategy)
                 replies.append((record, reply))
             else:
                 reply.destroy()
@@ -1099,6 +1290,26 @@ class Pager:
 
 
 _copy_ids = itertools.count(1)
+
+_READ_IN_TASK, _READ_PLAIN, _READ_NEVER_SUSPENDS = range(3)
+
+
+def _read_kind(function: Any) -> int:
+    """How a read_pages function can run (Pager._read_kind)."""
+    if not inspect.iscoroutinefunction(function):
+        return _READ_PLAIN if callable(function) else _READ_IN_TASK
+    code = getattr(function, "__code__", None)
+    if not isinstance(code, types.CodeType):
+        return _READ_IN_TASK
+    # A coroutine suspends only at a yield of its own frame (every await, async for and async
+    # with is one); with none in its code, it runs to its end the first time it is sent None.
+    if any(instruction.opname in ("YIELD_VALUE", "YIELD_FROM") for instruction in dis.get_instructions(code)):
+        return _READ_IN_TASK
+    return _READ_NEVER_SUSPENDS
+
+
+def _wrong_length(data: bytes, length: int) -> PagerError:
+    return PagerError(f"read_pages returned {len(data)} bytes for {length}", KERN_MEMORY_FAILURE)
 
 
 def _merge(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -57,5 +57,14 @@ class RangeSequencer:
         self._active.append(reservation)
         return reservation
 
+    def waits(self, offset: int, length: int, *, exclusive: bool) -> bool:
+        """Whether a reservation of [offset, offset+length) made now would wait for another:
+        False means work that needs it can be done at once, with no place in line."""
+        end = offset + length
+        for other in self._active:
+            if other.offset < end and offset < other.end and (exclusive or other.exclusive):
+                return True
+        return False
+
     def __len__(self) -> int:
         return len(self._active)

@@ -16,6 +16,8 @@ from kernelsim.messages import Message
 
 TRACE_WINDOW = 4 * 1024 * 1024
 """Bytes of the newest trace lines kept; older ones are dropped (the offsets stay)."""
+PENDING_MAX = 16
+"""Message lines waiting to be formatted (`Trace.message`) at most; then they are formatted."""
 
 
 class Trace:
@@ -24,15 +26,53 @@ class Trace:
         self._clock = clock
         self._lines: deque[bytes] = deque()
         self._kept = 0
-        self.start = 0  # log offset of the first kept byte
-        self.end = 0  # log offset after the last byte
+        self._start = 0  # log offset of the first kept byte
+        self._end = 0  # log offset after the last byte
         self.listeners: list[Callable[[str], None]] = []
         self._second = -1
         self._clock_text = ""
+        # Message lines in order, their time taken, their text not made yet (`message`).
+        self._pending: list[tuple[float, str, str, Message]] = []
+
+    @property
+    def start(self) -> int:
+        """The log offset of the first byte kept."""
+        if self._pending:
+            self.flush()
+        return self._start
+
+    @property
+    def end(self) -> int:
+        """The log offset after the last byte."""
+        if self._pending:
+            self.flush()
+        return self._end
 
     def line(self, text: str) -> None:
         """Append one line (a message, a refusal, a note)."""
-        now = self._clock()
+        if self._pending:
+            self.flush()
+        self._append(self._clock(), text)
+
+    def message(self, source: str, destination: str, message: Message) -> None:
+        """Append `source -> destination message.describe()`.  The line takes its place and its
+        time now, but its text is made at the next `flush` (at the latest when the log is read,
+        another line comes, or PENDING_MAX wait): a sender can send first and describe after.
+        Listeners get it at once."""
+        if self.listeners:
+            self.line(f"{source} -> {destination} {message.describe()}")
+            return
+        self._pending.append((self._clock(), source, destination, message))
+        if len(self._pending) >= PENDING_MAX:
+            self.flush()
+
+    def flush(self) -> None:
+        """Make the text of the message lines waiting (`message`)."""
+        pending, self._pending = self._pending, []
+        for now, source, destination, message in pending:
+            self._append(now, f"{source} -> {destination} {message.describe()}")
+
+    def _append(self, now: float, text: str) -> None:
         second = int(now)
         if second != self._second:  # localtime and strftime once a second, not once a line
             self._second, self._clock_text = second, time.strftime("%H:%M:%S", time.localtime(now))
@@ -40,24 +80,23 @@ class Trace:
         data = f"{stamp} {text}\n".encode("utf-8", "backslashreplace")
         self._lines.append(data)
         self._kept += len(data)
-        self.end += len(data)
+        self._end += len(data)
         while self._kept > self.window and len(self._lines) > 1:
             dropped = self._lines.popleft()
             self._kept -= len(dropped)
-            self.start += len(dropped)
+            self._start += len(dropped)
         for listener in self.listeners:
             listener(text)
 
-    def message(self, source: str, destination: str, message: Message) -> None:
-        self.line(f"{source} -> {destination} {message.describe()}")
-
     def read(self, offset: int, size: int) -> bytes:
         """Log bytes [offset, offset+size) that are still kept (older ones are gone)."""
-        offset = max(offset, self.start)
-        if offset >= self.end or size <= 0:
+        if self._pending:
+            self.flush()
+        offset = max(offset, self._start)
+        if offset >= self._end or size <= 0:
             return b""
         out = bytearray()
-        position = self.start
+        position = self._start
         for data in self._lines:
             if position + len(data) > offset:
                 out += data[max(0, offset - position) :]

@@ -265,3 +265,17 @@ def test_changing_the_copy_strategy_from_the_mount_applies_to_later_copies(tmp_p
         sh(f"setfattr -n user.mach.copy_strategy -v none {obj}")
         session.command("k1 fork third")
         assert len([line for line in trace_lines(mnt) if "k1 -> obj memory_object_copy(" in line]) == 1
+
+
+def test_a_delayed_copy_stays_true_after_its_kernel_is_told_another_strategy(tmp_path):
+    """Found by the model-based test: a kernel told copy=delay forks (a delayed copy), is then
+    told copy=none; a write through the mount must still let the copy take the old page first
+    (and not wait for the kernel, which waits for that page, until the lock timeout)."""
+    # 8 frames for 16 pages: the pages the write changes are no longer in k1, so its copy must
+    # ask for them while the kernel answers the write's flush.
+    with MountSession(tmp_path / "store", tmp_path / "mnt", ["k1:4096:8"]) as session:
+        as_of_fork, obj = set_up(session, "delay")
+        sh(f"setfattr -n user.mach.copy_strategy -v none {obj}")
+        now = change(session, obj, "dd")
+        assert child_view(session) == as_of_fork
+        assert bytes.fromhex(session.command(f"k1 read obj {SIZE}").split()[-1]) == now
