@@ -38,7 +38,7 @@ from kernelsim.interface import COPY_STRATEGY_NAMES
 from . import control
 from .control import ControlError
 from .manager import FileManager, display_name
-from .pager import KernelRecord, LockTimeout, Pager
+from .pager import KernelRecord, LockTimeout, Pager, PagerError
 from .store import StoreError, validate_name
 
 log = logging.getLogger("fusepager.fs")
@@ -628,6 +628,9 @@ class PagerFS(pyfuse3.Operations):
             return await work
         except LockTimeout as error:
             raise self._refuse(errno.ETIMEDOUT, f"{self._path(node)}: {error}") from None
+        except PagerError as error:
+            # e.g. a page a kernel gave back could not be stored (ENOSPC): the user hears it.
+            raise self._refuse(error.errno or errno.EIO, f"{self._path(node)}: {error}") from None
 
     async def _ready(self, node: Node, text: str) -> None:
         record = self._record(node)

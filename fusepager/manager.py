@@ -39,7 +39,7 @@ class StoreCallbacks(PagerCallbacks):
         try:
             return self.stored.read_pages(offset, length)
         except (OSError, StoreError) as error:
-            raise PagerError(f"reading {length} bytes at {offset:#x}: {os.strerror(error.errno)}", KERN_MEMORY_FAILURE) from error
+            raise PagerError(f"reading {length} bytes at {offset:#x}: {os.strerror(error.errno)}", KERN_MEMORY_FAILURE, error.errno) from error
 
     async def write_pages(self, offset: int, data: bytes) -> None:
         # Kernels return whole pages.  Past the object's end, keep what they wrote up to its
@@ -54,7 +54,7 @@ class StoreCallbacks(PagerCallbacks):
         try:
             self.stored.write(offset, data)
         except (OSError, StoreError) as error:
-            raise PagerError(f"writing {len(data)} bytes at {offset:#x}: {os.strerror(error.errno)}", KERN_MEMORY_FAILURE) from error
+            raise PagerError(f"writing {len(data)} bytes at {offset:#x}: {os.strerror(error.errno)}", KERN_MEMORY_FAILURE, error.errno) from error
 
     async def report_extent(self) -> int:
         return self.stored.size

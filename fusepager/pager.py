@@ -77,9 +77,10 @@ class LockTimeout(Exception):
 class PagerError(Exception):
     """Raised by a callback that cannot do its I/O; the kernel gets memory_object_data_error."""
 
-    def __init__(self, message: str, reason: int = KERN_MEMORY_ERROR) -> None:
+    def __init__(self, message: str, reason: int = KERN_MEMORY_ERROR, errno: int | None = None) -> None:
         super().__init__(message)
         self.reason = reason
+        self.errno = errno  # the operating system's error, where there is one (ENOSPC, EIO, ...)
 
 
 class PagerCallbacks:
@@ -243,6 +244,8 @@ class Pager:
         self.stats = stats or Stats()
         self.port = port if port is not None else port_allocate(f"object {name}")
         self.copies: dict[int, _Copy] = {}
+        self.write_failures = 0  # returned pages write_pages could not store, ever ...
+        self.last_write_failure: PagerError | None = None  # ... and why, the last time
         self._notify: ReceiveRight | None = None
         # Called when the last kernel goes (a copy's pager ends with its copy).
         self.on_end: Callable[[], None] | None = None
@@ -820,6 +823,9 @@ class Pager:
                 except PagerError as error:
                     self.trace.line(f"{self.name} LOST a write of {message.offset:#x}+{len(message.data)}: {error}")
                     log.error("pager %s could not store returned data at %#x: %s", self.name, message.offset, error)
+                    # A sync waiting for this write must not say all is well.
+                    self.write_failures += 1
+                    self.last_write_failure = error
                 else:
                     self._changed_data("stored", message.offset, len(message.data))
             if not message.kernel_copy:
@@ -1179,10 +1185,15 @@ class Pager:
         return records
 
     async def sync(self, offset: int = 0, length: int | None = None) -> None:
-        """Bring back every change kernels hold in the range; they keep read-only copies."""
+        """Bring back every change kernels hold in the range; they keep read-only copies.
+        Raises PagerError if a page write failed meanwhile (what it lost is in the trace)."""
+        failed = self.write_failures
         length = await self._length(offset, length)
         items = self._lock_items(self._holding(offset, length, writable_only=True), offset, length, VM_PROT_WRITE)
         await self._lock_requests(items, MEMORY_OBJECT_RETURN_DIRTY, False)
+        if self.write_failures > failed and self.last_write_failure is not None:
+            last = self.last_write_failure
+            raise PagerError(f"{self.write_failures - failed} page writes failed during the sync: {last}", last.reason, last.errno)
 
     async def flush(self, offset: int = 0, length: int | None = None) -> None:
         """Changes come back and every kernel drops the range."""

@@ -1,0 +1,50 @@
+"""Disk full (issue [7/8]): the store on a small tmpfs.  ENOSPC reaches the user as an errno —
+a write to `data`, and a `sync` whose page writes failed (never a success that lied) — what was
+stored before is intact, and writes succeed again once space returns."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fusepager.session import MountSession
+from mounting import fails_with, sh
+
+STORE_BYTES = 1 << 20
+
+
+@pytest.fixture
+def small_store(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={STORE_BYTES}", "tmpfs", str(store)], check=True)
+    try:
+        yield store
+    finally:
+        subprocess.run(["umount", "-l", str(store)], capture_output=True)
+
+
+def test_a_full_store_answers_enospc_keeps_what_it_had_and_recovers(small_store: Path, tmp_path):
+    with MountSession(small_store, tmp_path / "mnt", ["k1:4096:256"], allow_errors=True) as session:
+        mnt = session.mountpoint
+        kept, big = mnt / "objects" / "kept", mnt / "objects" / "big"
+        sh(f"mkdir {kept} {big} && printf 'stored before the disk filled' > {kept}/data && truncate -s 512K {kept}/data")
+        session.command("k1 map kept 512K")
+        session.command("k1 fill kept+65536 262144 7")  # 256 KiB changed in the kernel, not stored yet
+
+        # A user's write that does not fit: ENOSPC, through the mount.
+        fails_with(f"dd if=/dev/urandom of={big}/data bs=64k count=32 status=none", "No space left on device")
+        # The kernel's changes cannot be stored: the sync says so instead of acknowledging.
+        fails_with(f"echo sync > {kept}/ctl", "No space left on device")
+        assert "LOST a write" in (mnt / "trace").read_text()
+        # What was stored before is intact.
+        assert sh(f"head -c 29 {kept}/data").stdout == "stored before the disk filled"
+
+        # Space comes back: writes and syncs work again.
+        sh(f"rmdir {big}")
+        session.command("k1 write kept+400000 after the disk had room again")
+        sh(f"echo sync > {kept}/ctl")
+        assert sh(f"dd if={kept}/data bs=1 skip=400000 count=29 status=none").stdout == "after the disk had room again"
+        assert sh(f"head -c 29 {kept}/data").stdout == "stored before the disk filled"
