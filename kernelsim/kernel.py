@@ -28,6 +28,11 @@ from .vm_page import Page, ResidentMemory
 from .vm_pageout import make_room, pageout_daemon, send_return
 
 MIN_PAGE_SIZE = 4096
+READ_AHEAD_MIN_CLUSTER = 16
+"""A kernel whose clusters are at least this many pages reads ahead by default: it is set up
+for bulk transfers.  With smaller clusters (1 page by default) each fault makes one request."""
+READ_AHEAD_CLUSTERS = 2
+"""How many clusters such a kernel keeps asked for ahead of a task reading sequentially."""
 
 
 @dataclass
@@ -39,6 +44,7 @@ class KernelStats:
     pushes: int = 0
     cow_faults: int = 0
     data_requests: int = 0
+    read_aheads: int = 0
     pages_requested: int = 0
     pages_supplied: int = 0
     zero_fills: int = 0
@@ -66,6 +72,7 @@ class Kernel:
         *,
         cluster_pages: int = 1,
         pageout_cluster: int = 16,
+        read_ahead: int | None = None,
     ) -> None:
         if page_size < MIN_PAGE_SIZE or page_size & (page_size - 1):
             raise KernInvalidArgument(f"page size {page_size} must be a power of two ≥ {MIN_PAGE_SIZE}", page_size=page_size)
@@ -76,6 +83,12 @@ class Kernel:
         self.name = name
         self.page_size = page_size
         self.cluster_pages = cluster_pages
+        if read_ahead is None:
+            read_ahead = READ_AHEAD_CLUSTERS if cluster_pages >= READ_AHEAD_MIN_CLUSTER else 0
+        if read_ahead < 0:
+            raise KernInvalidArgument(f"read-ahead {read_ahead} must not be negative", read_ahead=read_ahead)
+        # Clusters asked for ahead of a task reading sequentially (vm_fault._read_ahead).
+        self.read_ahead = read_ahead
         # Pages evicted (and returned) together; never more than a quarter of memory.
         self.pageout_cluster = max(1, min(pageout_cluster, memory_pages // 4))
         self.resident = ResidentMemory(memory_pages)
@@ -139,6 +152,15 @@ class Kernel:
         self.resident.insert(page)
         return page
 
+    def page_alloc_absent(self, object: VMObject, offsets: list[int]) -> list[Page]:
+        """Frames for `object` at each of `offsets`, absent (asked for, no data yet), in one
+        step: as `page_alloc` for each in turn, for a caller that has checked that as many
+        frames are free (so nothing need be paged out)."""
+        pages = [Page(object, offset, True) for offset in offsets]
+        object.pages.update(zip(offsets, pages))
+        self.resident.insert_many(pages)
+        return pages
+
     async def vm_page_wait(self, shortage: KernResourceShortage) -> None:
         """Wait for a frame after page_alloc failed (VM_PAGE_WAIT); the fault then restarts.
 
@@ -194,11 +216,21 @@ class Kernel:
 
 @asynccontextmanager
 async def boot(
-    name: str, page_size: int = MIN_PAGE_SIZE, memory_pages: int = 1024, *, cluster_pages: int = 1, pageout_cluster: int = 16
+    name: str,
+    page_size: int = MIN_PAGE_SIZE,
+    memory_pages: int = 1024,
+    *,
+    cluster_pages: int = 1,
+    pageout_cluster: int = 16,
+    read_ahead: int | None = None,
 ) -> AsyncIterator[Kernel]:
     """Run a kernel for the duration of the block, with its pageout daemon; it shuts down in
-    order at the end."""
-    kernel = Kernel(name, page_size, memory_pages, cluster_pages=cluster_pages, pageout_cluster=pageout_cluster)
+    order at the end.  `read_ahead`: clusters asked for ahead of a sequential reader (by
+    default READ_AHEAD_CLUSTERS with clusters of READ_AHEAD_MIN_CLUSTER pages or more, else
+    none)."""
+    kernel = Kernel(
+        name, page_size, memory_pages, cluster_pages=cluster_pages, pageout_cluster=pageout_cluster, read_ahead=read_ahead
+    )
     async with trio.open_nursery() as nursery:
         kernel.nursery = nursery  # the home of the kernel's daemons
         nursery.start_soon(pageout_daemon, kernel)

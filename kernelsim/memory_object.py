@@ -169,25 +169,36 @@ class ControlServer:
             kernel.stats.partial_pages_discarded += 1
         result, error_offset = KERN_SUCCESS, 0
         view = memoryview(data)
-        for page_offset in range(offset, offset + whole, page_size):
-            page = object.pages.get(page_offset)
-            if page is not None and not page.absent:
-                result, error_offset = KERN_MEMORY_PRESENT, page_offset
-                break
-            if page is None:
-                # Data sent ahead of any request: take it if memory allows, as a hint.
-                try:
-                    page = kernel.page_alloc(object, page_offset)
-                except KernResourceShortage:
-                    result, error_offset = KERN_RESOURCE_SHORTAGE, page_offset
+        pages = object.pages
+        lock_value, precious = message.lock_value, message.precious
+        filled = 0
+        try:
+            for page_offset in range(offset, offset + whole, page_size):
+                page = pages.get(page_offset)
+                if page is None:
+                    # Data sent ahead of any request: take it if memory allows, as a hint.
+                    try:
+                        page = kernel.page_alloc(object, page_offset)
+                    except KernResourceShortage:
+                        result, error_offset = KERN_RESOURCE_SHORTAGE, page_offset
+                        break
+                    if not object.alive:  # making room returned data to a manager that is gone
+                        kernel.objects.free_page(page)
+                        break
+                elif not page.absent:
+                    result, error_offset = KERN_MEMORY_PRESENT, page_offset
                     break
-                if not object.alive:  # making room returned data to a manager that is gone
-                    kernel.objects.free_page(page)
-                    break
-            start = page_offset - offset
-            page.fill(view[start : start + page_size], message.lock_value, message.precious)
-            _lock_if_copied(object, page)
-            kernel.stats.pages_supplied += 1
+                start = page_offset - offset
+                page.fill_quietly(view[start : start + page_size], lock_value, precious)
+                if object.lock_on_arrival:
+                    _lock_if_copied(object, page)
+                filled += 1
+        finally:
+            # The pages filled are reclaimable now: faults waiting for memory look again (one
+            # wake-up for the whole supply; the faults waiting on each page are woken by fill).
+            if filled:
+                kernel.stats.pages_supplied += filled
+                kernel.resident.changed()
         self._supply_completed(object, message, result, error_offset)
 
     def _supply_completed(self, object: VMObject, message: MemoryObjectDataSupply, result: int, error_offset: int) -> None:

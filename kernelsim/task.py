@@ -33,6 +33,7 @@ from .vm_map import MapEntry, VMMap
 
 if TYPE_CHECKING:
     from .kernel import Kernel
+    from .vm_page import Page
 
 _task_ids = itertools.count(1)
 
@@ -267,29 +268,125 @@ class Task:
         if n < 0:
             raise KernInvalidArgument(f"negative length {n}")
         page_size = self.kernel.page_size
-        out = bytearray(n)
+        within = address & (page_size - 1)
+        if 0 < n <= page_size - within:  # in one page
+            page = self._resident_page(address, VM_PROT_READ) or await vm_fault(self.map, address, VM_PROT_READ)
+            return bytes(page.data[within : within + n])  # type: ignore[index]
+        # Each page's bytes are taken when the page is reached (as a fault would find them);
+        # the pieces of pages reached without waiting are joined before any wait, so a write
+        # made while this read waits shows only in the pages read after it.
+        chunks: list[bytes] = []
+        pieces: list[bytes | bytearray] = []
         done = 0
         while done < n:
+            done = self._resident_run(address, done, n, VM_PROT_READ, pieces)
+            if done >= n:
+                break
+            if pieces:
+                chunks.append(b"".join(pieces))
+                pieces.clear()
             at = address + done
             page = await vm_fault(self.map, at, VM_PROT_READ)
             within = at & (page_size - 1)
             chunk = min(page_size - within, n - done)
-            out[done : done + chunk] = page.data[within : within + chunk]  # type: ignore[index]
+            pieces.append(page.data if chunk == page_size else page.data[within : within + chunk])  # type: ignore[arg-type,index]
             done += chunk
-        return bytes(out)
+        if chunks:
+            chunks.append(b"".join(pieces))
+            return b"".join(chunks)
+        return b"".join(pieces)
 
     async def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
         """Store `data` at `address`, faulting in each page for writing."""
         page_size = self.kernel.page_size
         view = memoryview(data).cast("B")
+        n = len(view)
+        within = address & (page_size - 1)
+        if 0 < n <= page_size - within:  # in one page
+            page = self._resident_page(address, VM_PROT_WRITE) or await vm_fault(self.map, address, VM_PROT_WRITE)
+            page.data[within : within + n] = view  # type: ignore[index]
+            return
         done = 0
-        while done < len(view):
+        while done < n:
+            done = self._resident_run(address, done, n, VM_PROT_WRITE, view)
+            if done >= n:
+                break
             at = address + done
             page = await vm_fault(self.map, at, VM_PROT_WRITE)
             within = at & (page_size - 1)
-            chunk = min(page_size - within, len(view) - done)
+            chunk = min(page_size - within, n - done)
             page.data[within : within + chunk] = view[done : done + chunk]  # type: ignore[index]
             done += chunk
+
+    def _resident_page(self, address: int, access: int) -> Page | None:
+        """The page at `address` if it needs no fault for `access` (see _resident_run), with
+        the same effects as vm_fault's; None if vm_fault must see to it."""
+        entry = self.map.lookup(address)
+        if entry is None or access & ~entry.protection or not entry.object.alive:
+            return None
+        object = entry.object
+        offset = entry.object_offset(address & ~(self.kernel.page_size - 1))
+        page = object.pages.get(offset)
+        if page is None or page.absent or page.page_lock & access:
+            return None
+        if not access & VM_PROT_WRITE:
+            if page.ahead is not None:
+                return None  # a read-ahead mark: vm_fault asks for the next cluster
+        else:
+            copy = object.copy
+            if copy is not None and copy.alive and copy.covered(offset) and not copy.has_own(offset):
+                return None
+            page.dirty = True
+        self.kernel.resident.touch(page)
+        self.kernel.stats.faults += 1
+        return page
+
+    def _resident_run(self, address: int, done: int, n: int, access: int, buffer) -> int:
+        """Access the bytes [address+done, address+n) of the pages that need no fault: resident
+        pages of the mapped object itself, one after the other in one map entry, whose
+        protection and lock allow `access` and, for a write, that no delayed copy must take
+        first.  These are the checks vm_fault makes, with the same effects: the pages are
+        touched (LRU), a write marks them dirty, each counts as a fault.  A read appends the
+        bytes to `buffer` (a list), a write takes them from it (a memoryview).  Returns how far
+        it got; the caller faults on the page there."""
+        at = address + done
+        entry = self.map.lookup(at)
+        if entry is None or access & ~entry.protection or not entry.object.alive:
+            return done
+        object = entry.object
+        page_size = self.kernel.page_size
+        pages = object.pages
+        writing = access & VM_PROT_WRITE
+        copy = object.copy if writing else None
+        if copy is not None and not copy.alive:
+            copy = None
+        stop = min(address + n, entry.end)
+        page_offset = entry.object_offset(at & ~(page_size - 1))
+        within = at & (page_size - 1)
+        touched = []
+        while at < stop:
+            page = pages.get(page_offset)
+            if page is None or page.absent or page.page_lock & access or (page.ahead is not None and not writing):
+                break  # vm_fault takes it from here (and asks for the next cluster at a mark)
+            if copy is not None and copy.covered(page_offset) and not copy.has_own(page_offset):
+                break  # the copy must take the old page first: vm_fault pushes it
+            chunk = min(page_size - within, stop - at)
+            if writing:
+                page.data[within : within + chunk] = buffer[done : done + chunk]  # type: ignore[index]
+                page.dirty = True
+            elif chunk == page_size:
+                buffer.append(page.data)
+            else:
+                buffer.append(page.data[within : within + chunk])  # type: ignore[index]
+            touched.append(page)
+            done += chunk
+            at += chunk
+            page_offset += page_size
+            within = 0
+        if touched:
+            self.kernel.resident.touch_all(touched)
+            self.kernel.stats.faults += len(touched)
+        return done
 
     def terminate(self) -> None:
         """task_terminate: the whole address space goes."""

@@ -12,6 +12,8 @@ The fault looks for the page in the mapped object, then down its shadow chain:
 A write to a page found in a shadow copies it into the mapped object first (copy-on-write); a
 write to an object that has a delayed copy gives the copy the old page first (a push).
 A data_error, a destroy or the manager's death fails the fault with KernMemoryError.
+A kernel with read-ahead also asks for the clusters after a sequential reader's (_read_ahead).
+Tasks reach resident pages that need no fault without coming here (Task._resident_run).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ async def vm_fault(map: VMMap, address: int, access: int) -> Page:
         offset = entry.object_offset(page_address)
         limit = entry.object_offset(entry.end)
         try:
-            page = await fault_page(first, offset, access, limit)
+            page = await fault_page(first, offset, access, limit, read_ahead=access == VM_PROT_READ)
         except _WaitForMemory as wait:
             await kernel.vm_page_wait(wait.shortage)
             continue
@@ -72,9 +74,13 @@ async def vm_fault(map: VMMap, address: int, access: int) -> Page:
         return page
 
 
-async def fault_page(first: VMObject, offset: int, access: int, limit: int | None = None) -> Page:
+async def fault_page(
+    first: VMObject, offset: int, access: int, limit: int | None = None, *, read_ahead: bool = False
+) -> Page:
     """The page of `first` at `offset` with `access`, from wherever it is in the shadow chain;
-    raises _Restart after any wait (the caller looks again).  `limit` bounds the cluster."""
+    raises _Restart after any wait (the caller looks again).  `limit` bounds the cluster.
+    With `read_ahead` (a task's read), sequential reads of the first object ask for the next
+    cluster before it is needed (see _read_ahead)."""
     kernel = first.kernel
     object, object_offset = first, offset
     while True:
@@ -84,13 +90,18 @@ async def fault_page(first: VMObject, offset: int, access: int, limit: int | Non
         needed = access if object is first else VM_PROT_READ
         page = object.pages.get(object_offset)
         if page is not None:
+            if page.ahead is not None and read_ahead and object is first and limit is not None:
+                start, page.ahead = page.ahead, None
+                _read_ahead(object, start, limit)
+                if not object.alive:
+                    raise _Restart
             await _usable(object, page, needed)
             break
         if object.pager is not None and object_offset not in object.unavailable and (
             not object.internal or object_offset in object.existence
         ):
             cluster_end = limit if object is first else None
-            await _page_in(object, object_offset, needed, cluster_end)
+            await _page_in(object, object_offset, needed, cluster_end, read_ahead and object is first)
             raise _Restart
         if object.shadow is not None:
             object_offset += object.shadow_offset
@@ -169,8 +180,12 @@ def _push_if_copied(object: VMObject, offset: int, data: bytes | bytearray | Non
     kernel.stats.pushes += 1
 
 
-async def _page_in(object: VMObject, offset: int, access: int, cluster_end: int | None) -> None:
-    """Ask the object's manager for the page at `offset` (and a cluster after it) and wait."""
+async def _page_in(
+    object: VMObject, offset: int, access: int, cluster_end: int | None, read_ahead: bool = False
+) -> None:
+    """Ask the object's manager for the page at `offset` (and a cluster after it) and wait.
+    With `read_ahead`, a read that follows a page the object holds also asks for the cluster
+    after this one."""
     kernel = object.kernel
     page_size = kernel.page_size
     if not object.pager_initialized:
@@ -179,15 +194,20 @@ async def _page_in(object: VMObject, offset: int, access: int, cluster_end: int 
         await object.wait_ready()
         return  # the fault restarts: the map may have changed while it waited
 
-    pages = []
-    for index in range(kernel.cluster_pages if cluster_end is not None else 1):
+    wanted = kernel.cluster_pages if cluster_end is not None else 1
+    # The frames that are free now are taken in one step; past them, each further page of the
+    # cluster may need something paged out first (page_alloc), and the cluster ends where no
+    # frame can be had.
+    pages: list[Page] = []
+    room = min(wanted, kernel.resident.free)
+    if room:
+        count = 1 + (_cluster_run(object, offset + page_size, room - 1, cluster_end) if room > 1 else 0)  # type: ignore[arg-type]
+        pages = kernel.page_alloc_absent(object, list(range(offset, offset + count * page_size, page_size)))
+        if count < room:
+            wanted = count  # the cluster stopped at a page it cannot take
+    for index in range(len(pages), wanted):
         page_offset = offset + index * page_size
-        if index and (
-            page_offset >= cluster_end  # type: ignore[operator]
-            or page_offset in object.pages
-            or page_offset in object.unavailable
-            or (object.internal and page_offset not in object.existence)
-        ):
+        if index and not _cluster_run(object, page_offset, 1, cluster_end):  # type: ignore[arg-type]
             break
         try:
             page = kernel.page_alloc(object, page_offset)
@@ -199,18 +219,86 @@ async def _page_in(object: VMObject, offset: int, access: int, cluster_end: int 
         page.absent = True
         pages.append(page)
 
-    desired_access = VM_PROT_READ | access
     kernel.stats.data_requests += 1
     kernel.stats.pages_requested += len(pages)
     _send(object, offset, MemoryObjectDataRequest(
         control=object.control.make_send(),  # type: ignore[union-attr]
         offset=offset,
         length=len(pages) * page_size,
-        desired_access=desired_access,
+        desired_access=VM_PROT_READ | access,
     ))
+    if (
+        read_ahead
+        and kernel.read_ahead
+        and len(pages) == kernel.cluster_pages
+        and offset - page_size in object.pages  # the reader came from the page before: sequential
+    ):
+        cluster_size = len(pages) * page_size
+        for ahead in range(1, kernel.read_ahead + 1):
+            _read_ahead(object, offset + ahead * cluster_size, cluster_end)  # type: ignore[arg-type]
+        if not object.alive:
+            return  # its manager died: the fault restarts and finds that out
     await pages[0].wait()
     if pages[0].error is not None:
         raise KernMemoryError(offset, pages[0].error, "memory_object_data_error from the manager")
+
+
+def _read_ahead(object: VMObject, start: int, cluster_end: int) -> None:
+    """Ask for the cluster at `start` before a task needs it (a sequential reader soon will),
+    so that the manager's work and the transfer overlap the kernel's work on the cluster before.
+
+    It takes only frames that are free beyond the pageout daemon's high-water mark: a read-ahead
+    never pages anything out, never waits, and leaves faults the frames they would have had.
+    The cluster stops as a fault's does (end of the map entry, a page the object holds or its
+    manager has none of).  It asks for reading only.  A whole cluster's first page is marked
+    with the start of the cluster `kernel.read_ahead` clusters further on: the read that reaches
+    the mark asks for that one (fault_page), and so on while the task reads on."""
+    kernel = object.kernel
+    resident = kernel.resident
+    room = min(kernel.cluster_pages, resident.free - resident.high_water)
+    if room <= 0 or not object.alive or not object.ready or object.control is None:
+        return
+    page_size = kernel.page_size
+    count = _cluster_run(object, start, room, cluster_end)
+    if not count:
+        return
+    end = start + count * page_size
+    pages = kernel.page_alloc_absent(object, list(range(start, end, page_size)))
+    if count == kernel.cluster_pages:
+        pages[0].ahead = start + kernel.read_ahead * count * page_size
+    kernel.stats.data_requests += 1
+    kernel.stats.read_aheads += 1
+    kernel.stats.pages_requested += count
+    try:
+        _send(object, start, MemoryObjectDataRequest(
+            control=object.control.make_send(),
+            offset=start,
+            length=count * page_size,
+            desired_access=VM_PROT_READ,
+        ))
+    except KernMemoryError:
+        pass  # the manager is gone: the object died with it, as the fault will find
+
+
+def _cluster_run(object: VMObject, start: int, most: int, cluster_end: int) -> int:
+    """How many pages from `start` on (at most `most`) a cluster may take: it stops at the end
+    of the map entry (`cluster_end`), at a page the object holds, or at one its manager has
+    none of (data_unavailable in a copy; an internal object's page never paged out)."""
+    page_size = object.kernel.page_size
+    offsets = range(start, min(start + most * page_size, cluster_end), page_size)
+    pages, unavailable = object.pages, object.unavailable
+    if (
+        pages.keys().isdisjoint(offsets)
+        and (not unavailable or unavailable.isdisjoint(offsets))
+        and (not object.internal or object.existence.issuperset(offsets))
+    ):
+        return len(offsets)  # the usual case, checked in one pass
+    count = 0
+    for page_offset in offsets:
+        if page_offset in pages or page_offset in unavailable or (object.internal and page_offset not in object.existence):
+            break
+        count += 1
+    return count
 
 
 def _send(object: VMObject, offset: int, message) -> None:

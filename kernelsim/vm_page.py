@@ -32,19 +32,23 @@ class Page:
         "precious",
         "page_lock",
         "unlock_request",
+        "ahead",
         "_waiters",
     )
 
-    def __init__(self, object: VMObject, offset: int) -> None:
+    def __init__(self, object: VMObject, offset: int, absent: bool = False) -> None:
         self.object = object
         self.offset = offset
         self.data: bytearray | None = None
-        self.absent = False
+        self.absent = absent
         self.error: int | None = None
         self.dirty = False
         self.precious = False
         self.page_lock = VM_PROT_NONE
         self.unlock_request = VM_PROT_NONE
+        # A read-ahead mark: the first page of a cluster read ahead holds the offset of the next
+        # cluster to read ahead, which a read that reaches the page asks for (vm_fault).
+        self.ahead: int | None = None
         self._waiters: trio.Event | None = None
 
     def __repr__(self) -> str:
@@ -68,14 +72,22 @@ class Page:
             self._waiters = None
 
     def fill(self, data: bytes | bytearray | memoryview, lock_value: int, precious: bool) -> None:
+        self.fill_quietly(data, lock_value, precious)
+        self.object.kernel.resident.changed()
+
+    def fill_quietly(self, data: bytes | bytearray | memoryview, lock_value: int, precious: bool) -> None:
+        """`fill` without telling the memory waiters: a caller filling many pages at once calls
+        `ResidentMemory.changed()` once when it is done."""
         self.data = bytearray(data)
         self.absent = False
         self.dirty = False
         self.precious = precious
         self.page_lock = lock_value
         self.unlock_request = VM_PROT_NONE
-        self.wakeup()
-        self.object.kernel.resident.changed()
+        waiters = self._waiters
+        if waiters is not None:
+            self._waiters = None
+            waiters.set()
 
 
 class ResidentMemory:
@@ -109,6 +121,16 @@ class ResidentMemory:
         if self.limit - len(self._lru) < self.low_water and self._pageout:
             self._pageout.unpark()
 
+    def insert_many(self, pages: list[Page]) -> None:
+        """`insert` for several pages at once (in this order, the last most recently used)."""
+        lru = self._lru
+        if len(lru) + len(pages) > self.limit:
+            raise AssertionError("page inserted beyond the memory limit; pageout must make room first")
+        lru.update(dict.fromkeys(pages))
+        self.peak = max(self.peak, len(lru))
+        if self.limit - len(lru) < self.low_water and self._pageout:
+            self._pageout.unpark()
+
     def remove(self, page: Page) -> None:
         if page in self._lru:
             del self._lru[page]
@@ -133,6 +155,14 @@ class ResidentMemory:
     def touch(self, page: Page) -> None:
         if page in self._lru:
             self._lru.move_to_end(page)
+
+    def touch_all(self, pages: list[Page]) -> None:
+        """`touch` each page in turn."""
+        lru = self._lru
+        move_to_end = lru.move_to_end
+        for page in pages:
+            if page in lru:
+                move_to_end(page)
 
     def oldest(self, n: int) -> list[Page]:
         """Up to `n` pages, least recently used first."""
