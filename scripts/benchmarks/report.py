@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from .common import Result
@@ -39,8 +40,8 @@ def chart(results: list[Result], path: Path, title: str) -> None:
     matplotlib.use("Agg")  # no display: write the file only
     from matplotlib import pyplot
 
-    labels = [f"{r.case}: {r.figure}" for r in results]
-    height = 0.6 + 0.45 * len(results)
+    labels = [f"{r.case}: {textwrap.shorten(r.figure, 70)}\nvs {textwrap.shorten(r.anchor, 66)}" for r in results]
+    height = 0.8 + 0.6 * len(results)
     figure, axes = pyplot.subplots(figsize=(11, height), layout="constrained")
     colours = ["#8a8a8a" if r.met is None else "#2e8b57" if r.met else "#c0392b" for r in results]
     positions = range(len(results))
@@ -49,14 +50,10 @@ def chart(results: list[Result], path: Path, title: str) -> None:
         axes.text(r.ratio, position, f" {r.ratio:.2f}", va="center", fontsize=8)
         if r.target is not None:
             axes.plot([r.target, r.target], [position - 0.4, position + 0.4], color="black", linewidth=2)
-    axes.set_yticks(list(positions), [_wrap(label) for label in labels], fontsize=7)
+    axes.set_yticks(list(positions), labels, fontsize=7)
     axes.invert_yaxis()
     axes.set_xscale("log")
     axes.set_xlabel("ratio to the anchor (log scale); black tick: target")
     axes.set_title(title, fontsize=9)
     figure.savefig(path, dpi=110)
     pyplot.close(figure)
-
-
-def _wrap(text: str, width: int = 70) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
