@@ -165,6 +165,18 @@ def _end_daemon(pid: int, mountpoint: Path) -> None:
 
 
 @contextmanager
+def daemon_in(work: str | Path):
+    """`fusepager mount` of a new store in the directory `work` (its store and mnt), listening
+    for kernels: yields (store, mountpoint, the address kernels connect to)."""
+    store, mountpoint = Path(work) / "store", Path(work) / "mnt"
+    store.mkdir()
+    mountpoint.mkdir()
+    listening: list[str] = []
+    with fusepager_mount(store, mountpoint, listening):
+        yield store, mountpoint, listening[0]
+
+
+@contextmanager
 def fusepager_mount(store: Path, mountpoint: Path, listening: list[str] | None = None):
     """`fusepager mount STORE MNT` (in the background), unmounted and its daemon ended on exit,
     whatever happened.  Yields the daemon's pid; `listening`, if given, gets the address

@@ -16,7 +16,14 @@ import trio
 import kernelsim
 from kernelsim import messages as m
 
-from .common import ROOT, BenchError, Result, _command, fusepager_mount, median_of
+from .common import (
+    ROOT,
+    BenchError,
+    Result,
+    _command,
+    daemon_in,
+    median_of,
+)
 
 PONG_REQUEST = 64
 
@@ -105,11 +112,7 @@ async def cross_process_fault_rate(address: str, name: str, pages: int) -> float
 def case_cross_process(args: argparse.Namespace) -> list[Result]:
     pages = 500 if args.quick else 10000
     with tempfile.TemporaryDirectory(prefix="fusepager-bench-") as work:
-        store, mountpoint = Path(work) / "store", Path(work) / "mnt"
-        store.mkdir()
-        mountpoint.mkdir()
-        listening: list[str] = []
-        with fusepager_mount(store, mountpoint, listening):
+        with daemon_in(work) as (store, mountpoint, address):
             objects = mountpoint / "objects"
             names = []
             for run in range(args.runs):
@@ -121,7 +124,7 @@ def case_cross_process(args: argparse.Namespace) -> list[Result]:
                 names.append(name)
             runs = iter(names)
             faults = median_of(args.runs, "cross-process: kernel faults served by the mount",
-                               lambda: trio.run(cross_process_fault_rate, listening[0], next(runs), pages))
+                               lambda: trio.run(cross_process_fault_rate, address, next(runs), pages))
         ping = median_of(args.runs, "cross-process: trio socket ping-pong", lambda: ping_pong_between_processes(pages, Path(work)))
     return [
         Result("cross-process", f"single-page faults/s, kernel and manager in two processes ({pages} pages)", "faults/s",

@@ -24,7 +24,15 @@ import tempfile
 import threading
 from pathlib import Path
 
-from .common import PROGRESS, BenchError, MiB, Result, _command, fusepager_mount, progress
+from .common import (
+    PROGRESS,
+    BenchError,
+    MiB,
+    Result,
+    _command,
+    fusepager_mount,
+    progress,
+)
 
 PAGE = 4096
 OBJECT_SIZE = 1 << 40  # 1 TiB

@@ -27,8 +27,23 @@ import trio
 import kernelsim
 from kernelsim.kernel import Kernel
 
-from .common import PROGRESS, BenchError, MiB, Result, _command, fusepager_mount, progress
-from .page_in import CLUSTER_PAGES, PAGE, make_object, prepare, roomy_memory, with_connected_kernel
+from .common import (
+    PROGRESS,
+    BenchError,
+    MiB,
+    Result,
+    _command,
+    daemon_in,
+    progress,
+)
+from .page_in import (
+    CLUSTER_PAGES,
+    PAGE,
+    make_object,
+    prepare,
+    roomy_memory,
+    with_connected_kernel,
+)
 
 TOUCH_PROGRAM = """\
 import mmap, os, sys, time
@@ -87,22 +102,18 @@ def case_mmap_touch(args: argparse.Namespace) -> list[Result]:
     size = 16 * MiB if args.quick else 256 * MiB
     runs: dict[str, list[float]] = {"kernel": [], "linux": []}
     with tempfile.TemporaryDirectory(prefix="fusepager-bench-") as work:
-        store, mountpoint = Path(work) / "store", Path(work) / "mnt"
-        store.mkdir()
-        mountpoint.mkdir()
-        listening: list[str] = []
-        with fusepager_mount(store, mountpoint, listening):
+        with daemon_in(work) as (store, mountpoint, address):
             data, backing, _ = make_object(mountpoint, store, "touched", size)
             expected = touched_sum(backing, size)
             progress("mmap-touch: warm-up")
-            trio.run(kernel_touch_rate, listening[0], "touched", size, "warmup")
+            trio.run(kernel_touch_rate, address, "touched", size, "warmup")
             linux_touch_rate(data, size)
             task = PROGRESS.add_task(f"mmap-touch: {size // PAGE} pages, kernel and Linux", total=args.runs)
             for run in range(args.runs):
                 for name in (["kernel", "linux"] if run % 2 == 0 else ["linux", "kernel"]):
                     prepare(backing, data, size)
                     if name == "kernel":
-                        rate, total = trio.run(kernel_touch_rate, listening[0], "touched", size, f"touch{run}")
+                        rate, total = trio.run(kernel_touch_rate, address, "touched", size, f"touch{run}")
                     else:
                         rate, total = linux_touch_rate(data, size)
                     if total != expected:

@@ -29,7 +29,12 @@ from .common import (
     progress,
     read_throughput,
 )
-from .passthrough import _read_ahead_kb, foreground_mount, passthrough_example, passthrough_mount
+from .passthrough import (
+    _read_ahead_kb,
+    foreground_mount,
+    passthrough_example,
+    passthrough_mount,
+)
 
 CASE = "mount"
 PAGE = 4096

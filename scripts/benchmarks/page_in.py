@@ -29,7 +29,18 @@ import kernelsim
 from kernelsim import messages as m
 from kernelsim.kernel import Kernel
 
-from .common import PROGRESS, BenchError, MiB, Result, _command, _fill, evict, fusepager_mount, progress, read_throughput
+from .common import (
+    PROGRESS,
+    BenchError,
+    MiB,
+    Result,
+    _command,
+    _fill,
+    daemon_in,
+    evict,
+    progress,
+    read_throughput,
+)
 
 T = TypeVar("T")
 PAGE = 4096
@@ -146,15 +157,11 @@ def case_page_in(args: argparse.Namespace) -> list[Result]:
     runs: dict[str, list[float]] = {"kernel": [], "cat": []}
     counters: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="fusepager-bench-") as work:
-        store, mountpoint = Path(work) / "store", Path(work) / "mnt"
-        store.mkdir()
-        mountpoint.mkdir()
-        listening: list[str] = []
-        with fusepager_mount(store, mountpoint, listening):
+        with daemon_in(work) as (store, mountpoint, address):
             data, backing, block = make_object(mountpoint, store, "big", size)
             # Untimed warm-ups: each path's first pass is its slowest (imports, allocations).
             progress("page-in: warm-up")
-            trio.run(kernel_page_in, listening[0], "big", size, block, "warmup")
+            trio.run(kernel_page_in, address, "big", size, block, "warmup")
             cat_throughput(data, size)
             task = PROGRESS.add_task(f"page-in: {size // MiB} MiB, kernel and cat", total=args.runs)
             for run in range(args.runs):
@@ -162,7 +169,7 @@ def case_page_in(args: argparse.Namespace) -> list[Result]:
                 for name in order:
                     prepare(backing, data, size)
                     if name == "kernel":
-                        rate, stats = trio.run(kernel_page_in, listening[0], "big", size, block, f"pagein{run}")
+                        rate, stats = trio.run(kernel_page_in, address, "big", size, block, f"pagein{run}")
                         counters.append(stats)
                     else:
                         rate = cat_throughput(data, size)
