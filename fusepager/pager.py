@@ -246,6 +246,9 @@ class Pager:
         self.copies: dict[int, _Copy] = {}
         self.write_failures = 0  # returned pages write_pages could not store, ever ...
         self.last_write_failure: PagerError | None = None  # ... and why, the last time
+        # The last page write failed (a full disk): kernels asking to write more get
+        # memory_object_data_error until a write or a sync succeeds.
+        self.write_refusal: PagerError | None = None
         self._notify: ReceiveRight | None = None
         # Called when the last kernel goes (a copy's pager ends with its copy).
         self.on_end: Callable[[], None] | None = None
@@ -400,6 +403,9 @@ class Pager:
         the pages a flush of this kernel covers that it has not answered yet.  Where nothing
         need wait or be asked first and read_pages cannot block, the answer goes at once
         (`_supply_now`), with no task and no place in line."""
+        if access & VM_PROT_WRITE and self.write_refusal is not None:
+            self._cannot_supply(record, offset, length, self._refusing_writes())
+            return
         end = offset + length
         covered: list[tuple[int, int]] = []
         if record.delayed_copies and self._lock_waits.get(record.control.name):
@@ -604,6 +610,11 @@ class Pager:
             await self._revoke(offset, length, VM_PROT_WRITE, keep=record)
             await self._preserve(offset, length, asking=record)
 
+    def _refusing_writes(self) -> PagerError:
+        cause = self.write_refusal
+        assert cause is not None
+        return PagerError(f"the store could not take the last page write ({cause}); no write access until a write or sync succeeds", cause.reason, cause.errno)
+
     def _cannot_supply(self, record: KernelRecord, offset: int, length: int, error: PagerError | LockTimeout) -> None:
         reason = error.reason if isinstance(error, PagerError) else KERN_MEMORY_FAILURE
         self.trace.line(f"{self.name} cannot supply {offset:#x}+{length} to {record.label}: {error}")
@@ -771,6 +782,8 @@ class Pager:
         offset, length, access = message.offset, message.length, message.desired_access
         async with grant:
             try:
+                if access & VM_PROT_WRITE and self.write_refusal is not None:
+                    raise self._refusing_writes()
                 await self._call(self.callbacks.unlock_pages, offset, length, access)
                 if record.control.name not in self.kernels:
                     return
@@ -825,8 +838,9 @@ class Pager:
                     log.error("pager %s could not store returned data at %#x: %s", self.name, message.offset, error)
                     # A sync waiting for this write must not say all is well.
                     self.write_failures += 1
-                    self.last_write_failure = error
+                    self.last_write_failure = self.write_refusal = error
                 else:
+                    self.write_refusal = None
                     self._changed_data("stored", message.offset, len(message.data))
             if not message.kernel_copy:
                 try:
@@ -1172,7 +1186,9 @@ class Pager:
             await self._preserve(offset, length)
             await self._wait_for_revocations(offset, length)
             async with self.sequencer.reserve(offset, length, exclusive=True):
-                return write()
+                result = write()
+                self.write_refusal = None  # the store took a write: kernels may write again
+                return result
 
     def _holding(self, offset: int, length: int, *, writable_only: bool) -> list[KernelRecord]:
         records = []
@@ -1194,6 +1210,7 @@ class Pager:
         if self.write_failures > failed and self.last_write_failure is not None:
             last = self.last_write_failure
             raise PagerError(f"{self.write_failures - failed} page writes failed during the sync: {last}", last.reason, last.errno)
+        self.write_refusal = None  # whatever had to be stored was: kernels may write again
 
     async def flush(self, offset: int = 0, length: int | None = None) -> None:
         """Changes come back and every kernel drops the range."""

@@ -1,6 +1,7 @@
 """Disk full (issue [7/8]): the store on a small tmpfs.  ENOSPC reaches the user as an errno —
-a write to `data`, and a `sync` whose page writes failed (never a success that lied) — what was
-stored before is intact, and writes succeed again once space returns."""
+a write to `data`, and a `sync` whose page writes failed (never a success that lied) — and the
+kernel as memory_object_data_error when it asks to write more; what was stored before is intact,
+and writes succeed again once space returns."""
 
 from __future__ import annotations
 
@@ -39,11 +40,17 @@ def test_a_full_store_answers_enospc_keeps_what_it_had_and_recovers(small_store:
         # The kernel's changes cannot be stored: the sync says so instead of acknowledging.
         fails_with(f"echo sync > {kept}/ctl", "No space left on device")
         assert "LOST a write" in (mnt / "trace").read_text()
+        # The kernel hears of it: asking to write more while the store is full gets data_error.
+        answer = session.answer_to("k1 write kept+400000 more")
+        assert answer.startswith("error") and "KERN_MEMORY_ERROR" in answer, answer
+        assert "memory_object_data_error" in (mnt / "trace").read_text()
         # What was stored before is intact.
         assert sh(f"head -c 29 {kept}/data").stdout == "stored before the disk filled"
 
-        # Space comes back: writes and syncs work again.
+        # Space comes back; once a sync succeeds (nothing was left to store), kernels may write
+        # again, and their writes are stored.
         sh(f"rmdir {big}")
+        sh(f"echo sync > {kept}/ctl")
         session.command("k1 write kept+400000 after the disk had room again")
         sh(f"echo sync > {kept}/ctl")
         assert sh(f"dd if={kept}/data bs=1 skip=400000 count=29 status=none").stdout == "after the disk had room again"
