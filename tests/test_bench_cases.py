@@ -14,9 +14,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
-
-
 def _mounts_under(directory: Path) -> list[str]:
     with open("/proc/mounts") as mounts:
         points = [line.split()[1].encode().decode("unicode_escape") for line in mounts]
