@@ -57,7 +57,15 @@ commands, one a line (echo 'sync' > ctl):
   {control.CTL_USAGE.replace(' | ', chr(10) + '  ')}
 OFF and LEN: bytes, decimal or 0x hex, K/M/G suffixes.  PROT: accesses to forbid (r, w, x) or none.
 """
-OBJECT_XATTRS = (b"user.mach.copy_strategy", b"user.mach.may_cache", b"user.mach.auto_ready", b"user.mach.size", b"user.mach.kernels", b"user.mach.page_size")
+OBJECT_XATTRS = (
+    b"user.mach.copy_strategy",
+    b"user.mach.may_cache",
+    b"user.mach.auto_ready",
+    b"user.mach.size",
+    b"user.mach.kernels",
+    b"user.mach.page_size",
+    b"user.fusepager.unstored",
+)
 KERNEL_XATTRS = (b"user.mach.page_size", b"user.mach.control", b"user.mach.name", b"user.mach.ready", b"user.mach.may_cache", b"user.mach.copy_strategy")
 ROOT_XATTRS = (b"user.fusepager.pid", b"user.fusepager.store")
 
@@ -700,6 +708,7 @@ class PagerFS(pyfuse3.Operations):
             "size": str(stored.size),
             "kernels": " ".join(sorted(r.label for r in records)),
             "page_size": " ".join(str(s) for s in sorted({r.page_size for r in records})),
+            "unstored": str(len(pager.unstored) if pager else 0),
         }[key].encode()
 
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:

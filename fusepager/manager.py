@@ -219,6 +219,12 @@ class FileManager:
         while any(len(p.sequencer) or p.port.port.queued for p in self.pagers.values()):
             await trio.sleep(0.01)
 
+    async def store_unstored(self) -> None:
+        """A last try to store what failed writes left in the pagers' memory (at unmount)."""
+        for pager in list(self.pagers.values()):
+            if pager.unstored:
+                await pager.store_unstored()
+
     def close(self) -> None:
         for pager in self.pagers.values():
             for copy in list(pager.copies.values()):

@@ -262,6 +262,7 @@ async def serve(
             # The kernels are down: what they returned is queued for the pagers.  Let it land.
             with trio.move_on_after(UNMOUNT_WAIT):
                 await manager.idle()
+                await manager.store_unstored()
             nursery.cancel_scope.cancel()
     finally:
         _close_listeners(listeners, listen)

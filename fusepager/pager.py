@@ -55,6 +55,7 @@ from .copies import CopyStore, MemoryCopyStore
 from .pagemap import Pagemap
 from .sequencer import RangeSequencer, Reservation
 from .trace import Stats, Trace
+from .unstored import Unstored
 
 log = logging.getLogger("fusepager.pager")
 
@@ -246,6 +247,9 @@ class Pager:
         self.copies: dict[int, _Copy] = {}
         self.write_failures = 0  # returned pages write_pages could not store, ever ...
         self.last_write_failure: PagerError | None = None  # ... and why, the last time
+        # ... and their bytes, which exist nowhere else: shown on every read, stored again at
+        # sync, dropped where a later write succeeds.
+        self.unstored = Unstored()
         # The last page write failed (a full disk): kernels asking to write more get
         # memory_object_data_error until a write or a sync succeeds.
         self.write_refusal: PagerError | None = None
@@ -518,9 +522,12 @@ class Pager:
                 try:
                     result.send(None)
                 except StopIteration as done:
-                    return done.value
-                result.close()
-                raise RuntimeError("read_pages suspended although its body has no await")
+                    result = done.value
+                else:
+                    result.close()
+                    raise RuntimeError("read_pages suspended although its body has no await")
+            if self.unstored and (result is None or type(result) is bytes):
+                result = self._shown(offset, length, result)
             return result
         except PagerError:
             raise
@@ -537,7 +544,7 @@ class Pager:
                 data = None
                 if storage is not None:
                     async with storage:
-                        data = await self._awaited(self.callbacks.read_pages, pending)
+                        data = self._shown(offset, length, await self._awaited(self.callbacks.read_pages, pending))
                 await self._check_read(record, offset, length, access, data)
             except (PagerError, LockTimeout) as error:
                 self._cannot_supply(record, offset, length, error)
@@ -674,7 +681,7 @@ class Pager:
                 # could wait for one that waits for this very request.
                 await self._wait_for_revocations(offset, length, but=record, returning_only=True)
                 async with self.sequencer.reserve(offset, length, exclusive=False):
-                    data = await self._call(self.callbacks.read_pages, offset, length)
+                    data = self._shown(offset, length, await self._call(self.callbacks.read_pages, offset, length))
                 if data is not None and len(data) != length:
                     raise _wrong_length(data, length)
             except PagerError as error:
@@ -699,7 +706,14 @@ class Pager:
         `but`'s: the kernel asking for the range has nothing of it to return)."""
         await self._wait_for_revocations(offset, length, but=but)
         async with self.sequencer.reserve(offset, length, exclusive=False):
-            return await self._call(self.callbacks.read_pages, offset, length)
+            return self._shown(offset, length, await self._call(self.callbacks.read_pages, offset, length))
+
+    def _shown(self, offset: int, length: int, data: bytes | None) -> bytes | None:
+        """What the store gave for the range, with the returned bytes it could not take over it
+        (a wrong-length answer is left for the caller to refuse)."""
+        if not self.unstored or (data is not None and len(data) != length):
+            return data
+        return self.unstored.overlay(offset, length, data)
 
     async def _call(self, callback, *args):
         """An author's callback (its result awaited if it is awaitable: read_pages may be a plain
@@ -834,13 +848,21 @@ class Pager:
                 try:
                     await self._call(self.callbacks.write_pages, message.offset, message.data)
                 except PagerError as error:
-                    self.trace.line(f"{self.name} LOST a write of {message.offset:#x}+{len(message.data)}: {error}")
+                    # The kernel has let these bytes go: they stay here, shown on every read,
+                    # until a sync stores them (or a later write replaces them).
+                    self.unstored.keep(message.offset, message.data, record.page_size)
+                    self.trace.line(
+                        f"{self.name} could not store {message.offset:#x}+{len(message.data)} from {record.label}: {error}; "
+                        f"kept in memory ({len(self.unstored)} bytes) until a sync stores it"
+                    )
                     log.error("pager %s could not store returned data at %#x: %s", self.name, message.offset, error)
-                    # A sync waiting for this write must not say all is well.
                     self.write_failures += 1
                     self.last_write_failure = self.write_refusal = error
+                    self._changed_data("kept", message.offset, len(message.data))
                 else:
                     self.write_refusal = None
+                    if self.unstored:
+                        self.unstored.discard(message.offset, len(message.data))
                     self._changed_data("stored", message.offset, len(message.data))
             if not message.kernel_copy:
                 try:
@@ -1142,12 +1164,21 @@ class Pager:
         if not len(self.grants) and not len(self.sequencer) and not self.revoking and not any(
             record.pagemap.held(offset, length) for record in self.kernels.values()
         ):
-            return await _result(read())  # nobody holds or is moving this range: the store is the truth
+            # Nobody holds or is moving this range: the store is the truth (with what it could
+            # not take over it).
+            return self._over_read(offset, await _result(read()))
         async with self.grants.reserve(offset, length, exclusive=False):
             await self._revoke(offset, length, VM_PROT_READ, keep=None)
             await self._wait_for_revocations(offset, length)
             async with self.sequencer.reserve(offset, length, exclusive=False):
-                return await _result(read())
+                return self._over_read(offset, await _result(read()))
+
+    def _over_read(self, offset: int, data: bytes) -> bytes:
+        """The unstored bytes over a read of the mount's (which may end short, at the end of the
+        data: kept bytes beyond it stay out, the file's size says where it ends)."""
+        if not self.unstored or not data:
+            return data
+        return self.unstored.overlay(offset, len(data), data)  # type: ignore[return-value]
 
     async def _catch_up(self) -> None:
         """Until every message already queued on the object port has been taken and its state
@@ -1188,6 +1219,7 @@ class Pager:
             async with self.sequencer.reserve(offset, length, exclusive=True):
                 result = write()
                 self.write_refusal = None  # the store took a write: kernels may write again
+                self.unstored.discard(offset, length)  # older than what the store has now
                 return result
 
     def _holding(self, offset: int, length: int, *, writable_only: bool) -> list[KernelRecord]:
@@ -1201,16 +1233,39 @@ class Pager:
         return records
 
     async def sync(self, offset: int = 0, length: int | None = None) -> None:
-        """Bring back every change kernels hold in the range; they keep read-only copies.
-        Raises PagerError if a page write failed meanwhile (what it lost is in the trace)."""
-        failed = self.write_failures
+        """Bring back every change kernels hold in the range (they keep read-only copies) and
+        store it, with what the store could not take before.  Raises PagerError if some of it
+        still cannot be stored (it stays in memory, shown on reads: nothing is lost)."""
         length = await self._length(offset, length)
         items = self._lock_items(self._holding(offset, length, writable_only=True), offset, length, VM_PROT_WRITE)
         await self._lock_requests(items, MEMORY_OBJECT_RETURN_DIRTY, False)
-        if self.write_failures > failed and self.last_write_failure is not None:
+        await self._store_unstored(offset, length)
+        if self.unstored.overlaps(offset, length):
             last = self.last_write_failure
-            raise PagerError(f"{self.write_failures - failed} page writes failed during the sync: {last}", last.reason, last.errno)
-        self.write_refusal = None  # whatever had to be stored was: kernels may write again
+            assert last is not None
+            raise PagerError(f"{len(self.unstored)} returned bytes still cannot be stored (kept in memory): {last}", last.reason, last.errno)
+        if not self.unstored:
+            self.write_refusal = None  # whatever had to be stored was: kernels may write again
+
+    async def _store_unstored(self, offset: int, length: int | None) -> None:
+        """Try again to store the kept bytes that overlap the range, whole pages at a time (the
+        rest of a page read from the store), each in its place in the storage line."""
+        for low, size in list(self.unstored.pages(offset, length)):
+            async with self.sequencer.reserve(low, size, exclusive=True):
+                if not self.unstored.overlaps(low, size):
+                    continue  # a newer write replaced it meanwhile
+                try:
+                    base = await self._call(self.callbacks.read_pages, low, size)
+                    if base is not None and len(base) != size:
+                        raise _wrong_length(base, size)
+                    await self._call(self.callbacks.write_pages, low, self.unstored.overlay(low, size, base))
+                except PagerError as error:
+                    self.last_write_failure = self.write_refusal = error
+                    self.trace.line(f"{self.name} still cannot store {low:#x}+{size}: {error}")
+                    continue
+                self.unstored.discard(low, size)
+                self.trace.line(f"{self.name} stored {low:#x}+{size}, kept in memory since a write failed")
+                self._changed_data("stored", low, size)
 
     async def flush(self, offset: int = 0, length: int | None = None) -> None:
         """Changes come back and every kernel drops the range."""
@@ -1300,10 +1355,21 @@ class Pager:
         except LockTimeout as error:
             # A kernel that does not answer is told to let go all the same.
             self.trace.line(f"{self.name} shutdown: {error}")
+        await self.store_unstored()
         self.destroy(KERN_MEMORY_ERROR)
         with trio.move_on_after(LOCK_TIMEOUT):
             while self.kernels:
                 await self._changed.park()
+
+    async def store_unstored(self) -> int:
+        """Before the pager goes: a last try to store what a failed write left in memory.
+        Returns how many bytes are lost (traced and logged as such)."""
+        await self._store_unstored(0, None)
+        lost = len(self.unstored)
+        if lost:
+            self.trace.line(f"{self.name} LOST {lost} returned bytes the store could not take: {self.last_write_failure}")
+            log.error("pager %s: %d returned bytes could not be stored and are lost", self.name, lost)
+        return lost
 
     async def wait_for_change(self) -> None:
         """Until the pager handles another message (for watchers such as the mount)."""
@@ -1313,7 +1379,7 @@ class Pager:
         """`length`, or all of the object from `offset`: its extent or what kernels hold."""
         if length is not None:
             return length
-        end = max([await self.callbacks.report_extent()] + [r.pagemap.end() for r in self.kernels.values()])
+        end = max([await self.callbacks.report_extent(), self.unstored.end()] + [r.pagemap.end() for r in self.kernels.values()])
         return max(0, end - offset)
 
 

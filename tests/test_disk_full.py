@@ -1,10 +1,12 @@
 """Disk full (issue [7/8]): the store on a small tmpfs.  ENOSPC reaches the user as an errno —
 a write to `data`, and a `sync` whose page writes failed (never a success that lied) — and the
-kernel as memory_object_data_error when it asks to write more; what was stored before is intact,
-and writes succeed again once space returns."""
+kernel as memory_object_data_error when it asks to write more; what was stored before is intact;
+the pages a kernel gave back that could not be stored are kept by the manager and served back
+(to the kernel and the mount), and stored by the first sync once space returns."""
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 from pathlib import Path
 
@@ -14,6 +16,11 @@ from fusepager.session import MountSession
 from mounting import fails_with, sh
 
 STORE_BYTES = 1 << 20
+
+
+def unstored(obj: Path) -> str:
+    """How many returned bytes the manager keeps for the object because the store refused them."""
+    return sh(f"getfattr --only-values -n user.fusepager.unstored {obj}").stdout
 
 
 @pytest.fixture
@@ -39,7 +46,7 @@ def test_a_full_store_answers_enospc_keeps_what_it_had_and_recovers(small_store:
         fails_with(f"dd if=/dev/urandom of={big}/data bs=64k count=32 status=none", "No space left on device")
         # The kernel's changes cannot be stored: the sync says so instead of acknowledging.
         fails_with(f"echo sync > {kept}/ctl", "No space left on device")
-        assert "LOST a write" in (mnt / "trace").read_text()
+        assert "could not store" in (mnt / "trace").read_text()
         # The kernel hears of it: asking to write more while the store is full gets data_error.
         answer = session.answer_to("k1 write kept+400000 more")
         assert answer.startswith("error") and "KERN_MEMORY_ERROR" in answer, answer
@@ -47,11 +54,25 @@ def test_a_full_store_answers_enospc_keeps_what_it_had_and_recovers(small_store:
         # What was stored before is intact.
         assert sh(f"head -c 29 {kept}/data").stdout == "stored before the disk filled"
 
-        # Space comes back; once a sync succeeds (nothing was left to store), kernels may write
-        # again, and their writes are stored.
+        # Nothing the kernel gave back is lost: the manager keeps it and serves it back, to the
+        # kernel after it dropped its copy, and to a reader of the mount.
+        changed = bytes([7]) * 262144
+        sh(f"echo flush > {kept}/ctl")
+        assert session.command("k1 sha256 kept+65536 262144").split()[-1] == hashlib.sha256(changed).hexdigest()
+        shown = subprocess.run(["dd", f"if={kept}/data", "bs=64k", "skip=1", "count=4", "status=none"], capture_output=True, check=True).stdout
+        assert shown == changed
+        assert unstored(kept) != "0"
+        # It is not in the store yet.
+        assert (small_store / "objects" / "kept" / "data").read_bytes()[65536 : 65536 + 262144] != changed
+
+        # Space comes back; the first sync stores what was kept (after which kernels may write
+        # again, and their writes are stored).
         sh(f"rmdir {big}")
         sh(f"echo sync > {kept}/ctl")
+        assert unstored(kept) == "0"
+        assert (small_store / "objects" / "kept" / "data").read_bytes()[65536 : 65536 + 262144] == changed
         session.command("k1 write kept+400000 after the disk had room again")
         sh(f"echo sync > {kept}/ctl")
         assert sh(f"dd if={kept}/data bs=1 skip=400000 count=29 status=none").stdout == "after the disk had room again"
         assert sh(f"head -c 29 {kept}/data").stdout == "stored before the disk filled"
+        assert (small_store / "objects" / "kept" / "data").read_bytes()[65536 : 65536 + 262144] == changed
