@@ -441,8 +441,8 @@ class PagerFS(pyfuse3.Operations):
         try:
             validate_name(name)
             self.manager.create(name)
-        except StoreError as error:
-            raise self._refuse(error.errno, str(error)) from None
+        except (StoreError, OSError) as error:  # OSError: a full disk, say; never the daemon's end
+            raise self._refuse(error.errno or errno.EIO, str(error)) from None
         return self._attributes(Node("object", name))
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -451,8 +451,8 @@ class PagerFS(pyfuse3.Operations):
             raise self._refuse(errno.EROFS, f"rmdir {display_name(name)} in {self._path(parent)}")
         try:
             self.manager.remove(name)
-        except StoreError as error:
-            raise self._refuse(error.errno, str(error)) from None
+        except (StoreError, OSError) as error:
+            raise self._refuse(error.errno or errno.EIO, str(error)) from None
         pyfuse3.invalidate_entry_async(parent_inode, name, ignore_enoent=True)
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -639,6 +639,9 @@ class PagerFS(pyfuse3.Operations):
         except PagerError as error:
             # e.g. a page a kernel gave back could not be stored (ENOSPC): the user hears it.
             raise self._refuse(error.errno or errno.EIO, f"{self._path(node)}: {error}") from None
+        except (StoreError, OSError) as error:
+            # The store refused (new attributes on a full disk, say): the user hears it.
+            raise self._refuse(error.errno or errno.EIO, f"{self._path(node)}: {error}") from None
 
     async def _ready(self, node: Node, text: str) -> None:
         record = self._record(node)
@@ -727,7 +730,7 @@ class PagerFS(pyfuse3.Operations):
             elif name == b"user.mach.may_cache":
                 await self._engine(node, self.manager.set_attributes(node.object, control.parse_bool(text, "may_cache"), None))
             else:
-                self.manager.set_auto_ready(node.object, control.parse_bool(text, "auto_ready"))
+                self._store_call(self.manager.set_auto_ready, node.object, control.parse_bool(text, "auto_ready"))
         except ControlError as error:
             raise self._refuse(errno.EINVAL, f"setxattr {where}: {error}") from None
         self.trace.line(f"mount set {name.decode()}={text} on {display_name(node.object)}")

@@ -53,6 +53,11 @@ def test_a_full_store_answers_enospc_keeps_what_it_had_and_recovers(small_store:
         assert "memory_object_data_error" in (mnt / "trace").read_text()
         # What was stored before is intact.
         assert sh(f"head -c 29 {kept}/data").stdout == "stored before the disk filled"
+        # What needs the store's metadata written answers ENOSPC too, and the daemon goes on.
+        fails_with(f"mkdir {mnt}/objects/new", "No space left on device")
+        fails_with(f"setfattr -n user.mach.copy_strategy -v call {kept}", "No space left on device")
+        assert sh(f"getfattr --only-values -n user.mach.copy_strategy {kept}").stdout == "delay"
+        assert not (mnt / "objects" / "new").exists()
 
         # Nothing the kernel gave back is lost: the manager keeps it and serves it back, to the
         # kernel after it dropped its copy, and to a reader of the mount.
