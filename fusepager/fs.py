@@ -10,6 +10,8 @@
           ready                there once memory_object_ready was sent; with auto_ready=0 the
                                shell sends it: echo 'may_cache=0 copy=call' > ready
         snapshots/             preserved copies ([4/8])
+        locks                  manager locks, lock requests in flight, held unlocks; there
+                               only while there are some (`fusepager top` shows them)
       trace                    the live message log: tail -f it
       stats                    counters
 
@@ -33,12 +35,12 @@ from typing import Any
 import pyfuse3
 import trio
 
-from kernelsim.interface import COPY_STRATEGY_NAMES
+from kernelsim.interface import COPY_STRATEGY_NAMES, MEMORY_OBJECT_RETURN_ALL, MEMORY_OBJECT_RETURN_DIRTY, MEMORY_OBJECT_RETURN_NONE, prot_str
 
 from . import control
 from .control import ControlError
 from .manager import FileManager, display_name
-from .pager import KernelRecord, LockTimeout, Pager, PagerError
+from .pager import KernelRecord, LockState, LockTimeout, Pager, PagerError
 from .store import StoreError, validate_name
 
 log = logging.getLogger("fusepager.fs")
@@ -51,7 +53,7 @@ before every read."""
 MAX_RANGE = 1 << 62
 DIRECTORIES = ("root", "objects", "object", "kernels", "snapshots", "kernel", "default", "temporary")
 KERNEL_FILES = ("page_size", "control", "name", "ready", "pages")
-OBJECT_FILES = ("data", "ctl", "kernels", "snapshots")
+OBJECT_FILES = ("data", "ctl", "kernels", "snapshots", "locks")  # locks: only while there are some
 CTL_HELP = f"""\
 commands, one a line (echo 'sync' > ctl):
   {control.CTL_USAGE.replace(' | ', chr(10) + '  ')}
@@ -86,6 +88,21 @@ class Handle:
     writable: bool
     content: bytes | None = None  # a snapshot of a small generated file, taken at open
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+RETURN_NAMES = {MEMORY_OBJECT_RETURN_NONE: "none", MEMORY_OBJECT_RETURN_DIRTY: "dirty", MEMORY_OBJECT_RETURN_ALL: "all"}
+
+
+def render_locks(locks: list[LockState]) -> str:
+    """The `locks` file: `KIND KERNEL OFFSET LENGTH PROT [flush=0|1 return=none|dirty|all
+    waited_ms=N]`, one line each; KERNEL is `*` for a manager lock (it holds in every kernel)."""
+    lines = []
+    for lock in locks:
+        line = f"{lock.kind} {lock.kernel or '*'} {lock.offset:#x} {lock.length} {prot_str(lock.prot)}"
+        if lock.kind == "request":
+            line += f" flush={int(lock.flush)} return={RETURN_NAMES.get(lock.should_return, lock.should_return)} waited_ms={lock.waited * 1000:.0f}"
+        lines.append(line + "\n")
+    return "".join(lines)
 
 
 def bypasses_cache(flags: int) -> bool:
@@ -219,6 +236,9 @@ class PagerFS(pyfuse3.Operations):
             return self.manager.store.exists(node.object) and self._snapshot(node) is not None
         if not self.manager.store.exists(node.object):
             return False
+        if node.kind == "locks":
+            pager = self._pager(node)
+            return pager is not None and bool(pager.locks())
         if node.kind in ("kernel", "kfile"):
             record = self._record(node)
             if record is None:
@@ -237,7 +257,7 @@ class PagerFS(pyfuse3.Operations):
         if node.kind == "objects":
             return [(name, Node("object", name)) for name in self.manager.store.names()]
         if node.kind == "object":
-            return [(file.encode(), Node(file, node.object)) for file in OBJECT_FILES]
+            return [(file.encode(), Node(file, node.object)) for file in OBJECT_FILES if file != "locks" or self._exists(Node(file, node.object))]
         if node.kind == "kernels":
             pager = self._pager(node)
             labels = sorted(r.label for r in pager.kernels.values()) if pager else []
@@ -315,6 +335,9 @@ class PagerFS(pyfuse3.Operations):
             return self._stats().encode()
         if node.kind == "ctl":
             return CTL_HELP.encode()
+        if node.kind == "locks":
+            pager = self._pager(node)
+            return render_locks(pager.locks() if pager is not None else []).encode()
         if node.kind == "kfile":
             record = self._record(node)
             if record is None:

@@ -200,6 +200,24 @@ class _LockWait:
     lock_value: int = VM_PROT_NONE
     # Requests served at once over this range while the flush was on its way (_supply_at_once).
     served: list[_AtOnce] = field(default_factory=list)
+    should_return: int = MEMORY_OBJECT_RETURN_NONE
+    started: float = field(default_factory=time.monotonic)  # when the request was sent (for `locks`)
+
+
+@dataclass(frozen=True)
+class LockState:
+    """One lock the engine keeps or waits on, as `Pager.locks` describes it (the mount's
+    `locks` file)."""
+
+    kind: str  # "manager": a lock from `lock` (ctl lock); "request": a lock request awaiting
+    #            its lock_completed; "unlock": a data_unlock held by a manager lock
+    offset: int  # bytes; a request's or an unlock's are in its kernel's pages
+    length: int
+    prot: int  # manager: the accesses forbidden; request: its lock value; unlock: the access asked
+    kernel: str = ""  # the kernel's label (requests and unlocks)
+    flush: bool = False  # requests: should_flush
+    should_return: int = MEMORY_OBJECT_RETURN_NONE  # requests
+    waited: float = 0.0  # requests: seconds since it was sent
 
 
 _HANDLERS = {
@@ -1045,7 +1063,7 @@ class Pager:
         not answer within LOCK_TIMEOUT raises LockTimeout (a dead kernel's waits just end)."""
         waits = []
         for record, start, size, lock_value in items:
-            wait = _LockWait(start, size, flush=should_flush, lock_value=lock_value)
+            wait = _LockWait(start, size, flush=should_flush, lock_value=lock_value, should_return=should_return)
             changing = _merge((page, page + record.page_size) for page in record.pagemap.writable(start, size))
             message = m.MemoryObjectLockRequest(
                 offset=start,
@@ -1296,6 +1314,24 @@ class Pager:
             held, record.pending_unlocks = record.pending_unlocks, []
             for unlock in held:
                 self._data_unlock(record, unlock)
+
+    def locks(self) -> list[LockState]:
+        """The manager's locks (`lock`), the lock requests kernels have not answered yet, and
+        the data_unlocks held by a manager lock, in that order (what the mount's `locks` shows)."""
+        found = [LockState("manager", offset, length, prot) for (offset, length), prot in sorted(self.manager_locks.items())]
+        now = time.monotonic()
+        for control, waits in self._lock_waits.items():
+            record = self.kernels.get(control)
+            label = record.label if record is not None else str(control)
+            for wait in waits:
+                if not wait.done.is_set():
+                    found.append(
+                        LockState("request", wait.offset, wait.length, wait.lock_value, label, wait.flush, wait.should_return, now - wait.started)
+                    )
+        for record in self.kernels.values():
+            for unlock in record.pending_unlocks:
+                found.append(LockState("unlock", unlock.offset, unlock.length, unlock.desired_access, record.label))
+        return found
 
     async def change_attributes(self, may_cache: bool, copy_strategy: int) -> None:
         """New attributes for later kernels and, with memory_object_change_attributes, for every
