@@ -81,8 +81,18 @@ class _Child:
         except queue.Empty:
             raise SessionError(f"no answer from {self.label} within {timeout} s") from None
         if line is None:
-            raise SessionError(f"{self.label} exited (status {self.process.poll()}):\n{self.child_stderr()}")
+            raise self._exited()
         return line
+
+    def _exited(self) -> SessionError:
+        """The child has gone (its output ended, or its input broke): say with what status.  Its
+        output can end a moment before it is reaped, so wait for that, briefly."""
+        try:
+            status: int | None = self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            status = None
+        how = f"status {status}" if status is None or status >= 0 else f"killed by signal {-status}"
+        return SessionError(f"{self.label} exited ({how}):\n{self.child_stderr()}")
 
     def child_stderr(self) -> str:
         self._stderr.flush()
@@ -91,8 +101,11 @@ class _Child:
     def send(self, line: str) -> None:
         """Send one console command without waiting for its answer."""
         assert self.process.stdin is not None
-        self.process.stdin.write(line + "\n")
-        self.process.stdin.flush()
+        try:
+            self.process.stdin.write(line + "\n")
+            self.process.stdin.flush()
+        except (BrokenPipeError, ValueError):  # ValueError: its stdin was closed already
+            raise self._exited() from None
 
     def answer(self, timeout: float = ANSWER_TIMEOUT) -> str:
         """The next answer line (information lines, starting with '#', are kept in `info`)."""

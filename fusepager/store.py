@@ -397,7 +397,7 @@ class FileStore:
     """The objects of a store directory; one StoredObject per open name."""
 
     def __init__(self, root: str | os.PathLike[str] | bytes | os.PathLike[bytes]) -> None:
-        self.root = os.fsencode(root)
+        self.root = os.path.abspath(os.fsencode(root))  # the same place whatever the cwd later is
         try:
             mode = os.stat(self.root).st_mode
         except FileNotFoundError:

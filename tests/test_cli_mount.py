@@ -78,6 +78,15 @@ def test_background_mount_status_and_umount(places):
     assert "fusepager.log" in os.listdir(store)
 
 
+def test_a_store_given_by_a_relative_path_is_shown_by_its_absolute_one(places):
+    store, mnt, pids = places
+    result = subprocess.run([FUSEPAGER, "mount", "store", "mnt"], capture_output=True, text=True, timeout=60, cwd=store.parent)
+    assert result.returncode == 0, result.stderr
+    pids.append(daemon_pid(mnt))
+    assert os.getxattr(mnt, "user.fusepager.store").decode() == str(store)
+    assert fusepager("umount", str(mnt)).returncode == 0
+
+
 @pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_unmounts_cleanly(places, signal_number):
     store, mnt, pids = places

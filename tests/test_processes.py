@@ -285,3 +285,15 @@ def test_copies_across_processes_keep_the_old_bytes(manager, kernels, tmp_path, 
         (snapshot,) = os.listdir(obj / "snapshots")
         (tmp_path / "child-view").write_bytes(child)
         subprocess.run(["cmp", str(obj / "snapshots" / snapshot), str(tmp_path / "child-view")], check=True)
+
+
+def test_a_kernel_process_that_died_is_a_session_error_naming_the_signal(tmp_path):
+    """Whoever drives a kernel process hears how it ended, whether its output ends first (the
+    answer it waits for) or its input breaks (the next command)."""
+    with MountSession(tmp_path / "store", tmp_path / "mnt", []) as session:
+        with KernelProcess(session.listen_address, "k1", workdir=tmp_path) as kernel:
+            os.kill(kernel.pid, signal.SIGKILL)  # behind the session's back: not yet reaped
+            with pytest.raises(SessionError, match="kernel process k1 exited \\(killed by signal 9\\)"):
+                kernel.answer(timeout=10)
+            with pytest.raises(SessionError, match="killed by signal 9"):
+                kernel.answer_to("stat")
