@@ -43,6 +43,7 @@ class Node:
         self.connection: Connection | None = None
         self.connected = trio.Event()
         self.gave_up = False
+        self.ending = False  # hanging up for good: a closed connection is not lost
 
     async def keep_connected(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, and after a loss reconnect, up to `retries` attempts in a row."""
@@ -70,8 +71,16 @@ class Node:
                     started = True
                 await connection.closed.wait()
             self.connection = None
+            if self.ending:
+                return
             self.connected = trio.Event()
             say(f"lost the manager at {self.address} ({connection.close_reason}); reconnecting")
+
+    async def hang_up(self, timeout: float) -> None:
+        """The end: the connection closed cleanly (Connection.hang_up), and no reconnecting."""
+        self.ending = True
+        if self.connection is not None:
+            await self.connection.hang_up(timeout)
 
     async def _attempt(self, nursery: trio.Nursery, attempt: int) -> Connection | None:
         """One connection attempt: a greeted connection running in `nursery`, or None."""
@@ -142,9 +151,7 @@ async def run(
                     if answer:
                         print(answer, flush=True)
             # The end: the kernel gives its objects back (changed pages, terminate), and the
-            # node waits until that has reached the manager before it hangs up.
+            # node waits until that has reached the manager before it hangs up, cleanly.
             kernel.shutdown()
-            if node.connection is not None:
-                with trio.move_on_after(10):
-                    await node.connection.drain()
+            await node.hang_up(10)
             nursery.cancel_scope.cancel()

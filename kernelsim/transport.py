@@ -392,6 +392,23 @@ class Connection:
             else:
                 raise TransportError(f"unknown frame kind {kind}")
 
+    async def hang_up(self, timeout: float) -> None:
+        """A clean end: every message queued so far written, then this side shut for writing
+        (the peer reads the end of the stream and closes its side), and until the peer has
+        closed, or `timeout`.  Closing at once would leave what the peer sent last unread, and
+        the kernel resets a socket closed with unread data: the peer would take it for a crash
+        ("connection reset by peer")."""
+        with trio.move_on_after(timeout):
+            await self.drain()
+            if self.closed.is_set():
+                return
+            self.close_reason = self.close_reason or "closed"  # by us, whatever the peer does next
+            try:
+                await self.stream.send_eof()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError):
+                return
+            await self.closed.wait()
+
     async def drain(self) -> None:
         """Until every message queued so far has been written (or the connection is gone)."""
         while (self._outgoing or self._writing) and not self.closed.is_set():

@@ -297,3 +297,30 @@ def test_a_kernel_process_that_died_is_a_session_error_naming_the_signal(tmp_pat
                 kernel.answer(timeout=10)
             with pytest.raises(SessionError, match="killed by signal 9"):
                 kernel.answer_to("stat")
+
+
+def test_a_kernel_process_that_ends_its_input_hangs_up_cleanly(tmp_path):
+    """The daemon reads the end of the stream, never a reset: a clean exit does not look like a
+    crash in `trace`.  (Closing with the daemon's last frames unread used to reset it.)"""
+    with MountSession(tmp_path / "store", tmp_path / "mnt", []) as session:
+        obj = session.mountpoint / "objects" / "o"
+        subprocess.run(["sh", "-c", f"mkdir {obj} && printf hello > {obj}/data && truncate -s 64K {obj}/data"], check=True)
+        for round in range(4):
+            kernel = KernelProcess(session.listen_address, f"k{round}", workdir=tmp_path)
+            try:
+                kernel.command("map o 64K")
+                assert kernel.command("read o 5 text").endswith("'hello'")
+                kernel.command("write o+8192 changed")
+            finally:
+                kernel.close()
+            assert kernel.process.returncode == 0
+        trace = (session.mountpoint / "trace").read_text()
+        closes = [line for line in trace.splitlines() if "connection with k" in line]
+        assert len(closes) == 4 and all(line.endswith("the peer closed the connection") for line in closes), closes
+        assert sh_read(obj / "data", 8192, 7) == b"changed"
+
+
+def sh_read(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as file:
+        file.seek(offset)
+        return file.read(length)
