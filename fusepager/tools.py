@@ -385,12 +385,7 @@ def import_file(file: str, target: str, *, create: bool = False, chunk: int = IM
                 _write_ctl(obj, ctl_fd, "sync")
                 bar.describe(f"import {obj.name}: synced")
             finally:
-                for fd in (data_fd, ctl_fd):
-                    if fd >= 0:
-                        try:
-                            os.close(fd)
-                        except OSError:
-                            pass
+                _close_quietly(data_fd, ctl_fd)
     except KeyboardInterrupt:
         if size is not None:
             where = f" of {size_text(size)} ({copied} bytes) from {label} into {obj.path}: its first {copied} bytes are there, the rest reads as zeros"
@@ -485,12 +480,7 @@ def sync_object(target: str, offset: str | None = None, length: str | None = Non
                     os.fsync(data_fd)
                     bar.describe(f"sync {obj.name}: fsynced")
             finally:
-                for fd in (ctl_fd, data_fd):
-                    if fd >= 0:
-                        try:
-                            os.close(fd)
-                        except OSError:
-                            pass
+                _close_quietly(ctl_fd, data_fd)
     except KeyboardInterrupt:
         print(
             f"fusepager sync: interrupted after cleaning {size_text(cleaned)} of {size_text(end - start)} of {obj.path} "
@@ -534,3 +524,13 @@ def run_sync(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("fusepager sync: interrupted before cleaning anything", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _close_quietly(*fds: int) -> None:
+    """Close what was opened (-1: nothing); an error closing matters no more at that point."""
+    for fd in fds:
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
