@@ -114,11 +114,12 @@ def run_demo(*, keep: bool = False, directory: str | None = None) -> int:
             f"\nThe mount stays at {mnt} (daemon pid {session.pid}); the kernels keep their pages.\n"
             f"Look around:   ls -R {mnt}/objects    tail -f {mnt}/trace    cat {mnt}/stats\n"
             f"               mkdir {mnt}/objects/mine; truncate -s 1M {mnt}/objects/mine/data\n"
+            f"               fusepager top {mnt}    fusepager trace {mnt} --svg trace.svg\n"
             f"Unmount with:  fusepager umount {mnt}"
         )
         return 0
     session.close()
     if directory is None:
         shutil.rmtree(base, ignore_errors=True)
-    print(f"\nUnmounted {mnt}. (fusepager demo --keep leaves it mounted to look around.)")
+    print(f"\nUnmounted {mnt}. (fusepager demo --keep leaves it mounted to look around; docs/tutorial.md is a guided session.)")
     return 0

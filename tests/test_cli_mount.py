@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
@@ -201,6 +202,14 @@ def test_the_demo_keep_leaves_it_mounted_and_says_how_to_unmount(tmp_path):
         assert f"Unmount with:  fusepager umount {mnt}" in result.stdout
         assert mount_state(mnt) == "mounted"
         assert (mnt / "objects/hello/kernels/k1/page_size").read_text() == "4096\n"
+        # The tools it suggests work on what it left.
+        assert f"fusepager top {mnt}    fusepager trace {mnt} --svg trace.svg" in result.stdout
+        top = fusepager("top", str(mnt), "--once", "--no-color")
+        assert top.returncode == 0 and "k1" in top.stdout and "hello" in top.stdout, top.stdout + top.stderr
+        drawn = fusepager("trace", str(mnt), "--svg", str(tmp_path / "trace.svg"))
+        assert drawn.returncode == 0, drawn.stderr
+        svg = ElementTree.parse(tmp_path / "trace.svg").getroot()
+        assert svg.tag == "{http://www.w3.org/2000/svg}svg" and "data_request 0x0+4096 r--" in "".join(svg.itertext())
         assert fusepager("umount", str(mnt)).returncode == 0
     finally:
         if mount_state(mnt) != "free":
