@@ -179,9 +179,10 @@ class _AtOnce:
 
 @dataclass(eq=False)
 class _Queued:
-    """A data_request waiting for its turn in the grants line.  A flush of its kernel over some
-    of its pages cancels `scope` and sets `at_once`: those pages are served at once, and the
-    rest takes a place in line again (`_turn`)."""
+    """A data_request waiting for its turn in the grants line, from its dispatch
+    (`_request_pages`) until its turn comes (`_turn`).  A flush of its kernel over some of its
+    pages cancels `scope` (maybe before `_turn` has entered it) and sets `at_once`: those pages
+    are served at once, and the rest takes a place in line again (`_turn`)."""
 
     kernel: KernelRecord
     start: int
@@ -448,7 +449,15 @@ class Pager:
             # Exclusive even for reads: a hole is answered with data_unavailable, which makes the
             # page writable in the kernel, so no two kernels may be granted the same range at once.
             grant = self.grants.reserve(low, high - low, exclusive=True)
-            self._spawn(self._supply, record, low, high - low, access, grant, started)
+            # A kernel told copy=delay may need these pages to answer a flush of it (`_turn`): a
+            # flush must find the request from now on, not only once its task has first run,
+            # which can be after a flush sent in between by a grant ahead in line; that flush
+            # would then wait for the kernel, the kernel for the request, the request for it.
+            queued = None
+            if record.delayed_copies:
+                queued = _Queued(record, low, high)
+                self._queued.append(queued)
+            self._spawn(self._supply, record, low, high - low, access, grant, started, queued)
 
     def _read_kind(self) -> int:
         """How the author's read_pages can run: at once, in the caller's task, when it is a plain
@@ -571,16 +580,17 @@ class Pager:
         finally:
             grant.release()
 
-    async def _turn(self, record: KernelRecord, offset: int, length: int, grant: Reservation) -> _AtOnce | None:
+    async def _turn(self, grant: Reservation, queued: _Queued | None) -> _AtOnce | None:
         """Wait for the grant's turn in line (None when it has come).  If meanwhile the kernel
         is asked to flush some of these pages, it may need them to answer (its delayed copies
         take them first, or wait for this request's pages): they must not wait behind the grant
-        that waits for that answer, and are served at once instead (the _AtOnce returned)."""
-        if not record.delayed_copies:
+        that waits for that answer, and are served at once instead (the _AtOnce returned).
+        `queued` is the request in `self._queued` (None for a kernel not told copy=delay),
+        registered when it was dispatched (`_request_pages`); it leaves it here, however the
+        wait ends (even cancelled before the task first ran: the cancel comes at the wait)."""
+        if queued is None:
             await grant.__aenter__()
             return None
-        queued = _Queued(record, offset, offset + length)
-        self._queued.append(queued)
         try:
             with queued.scope:
                 await grant.__aenter__()
@@ -595,8 +605,10 @@ class Pager:
         grant.release()
         return queued.at_once
 
-    async def _supply(self, record: KernelRecord, offset: int, length: int, access: int, grant: Reservation, started: float) -> None:
-        at_once = await self._turn(record, offset, length, grant)
+    async def _supply(
+        self, record: KernelRecord, offset: int, length: int, access: int, grant: Reservation, started: float, queued: _Queued | None
+    ) -> None:
+        at_once = await self._turn(grant, queued)
         if at_once is not None:
             # The rest of the request takes a place in line again (or is served at once too,
             # where another flush of the kernel covers it now).

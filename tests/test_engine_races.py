@@ -173,6 +173,56 @@ async def test_a_request_waiting_in_line_is_served_at_once_when_its_kernel_must_
         assert await t1.read(a1, 3) == b"NEW"
 
 
+async def test_a_request_dispatched_just_before_a_flush_of_its_kernel_is_served_at_once(mock_clock):
+    """As above, but k1's request for page 0 is dispatched in the same stretch as the flush of
+    k1, just before it: the request has its place in line behind k2's grant, which sends the
+    flush, and its task has not run yet.  The flush must still find it and serve it at once,
+    or k2's grant waits for k1, k1 for its request, and the request for k2's grant."""
+    store = MemoryObject(2 * PAGE)
+    store.put(0, b"old".ljust(2 * PAGE, b"\0"))
+    async with served(store, ("k1", PAGE, 4), ("k2", PAGE, 32)) as (pager, [(k1, t1, a1), (_, t2, a2)]):
+        await t1.read(a1, 1)
+        child = await k1.task_create(t1)  # a delayed copy of the object
+        await squeeze(t1)  # k1's pages of the object are dropped; the copy has none of its own
+        record = record_of(pager, "k1")
+        request_pages, lock_requests = pager._request_pages, pager._lock_requests
+        held: list[tuple] = []
+        released: list[tuple] = []
+
+        def hold_k1s_request(kernel, offset, length, access) -> None:
+            # k1's next request is held back as it is dispatched ...
+            if kernel is record and not held:
+                held.append((kernel, offset, length, access))
+                return
+            request_pages(kernel, offset, length, access)
+
+        def dispatch_it_then_flush(items, should_return, should_flush):
+            # ... and handed to the engine right before the flush of k1 is sent, in the flushing
+            # task, with no checkpoint between: the request's task cannot have run.  (Before
+            # the flush is registered, too: a request dispatched after that is served at once
+            # by _request_pages itself.)
+            if should_flush and held and not released and any(item[0] is record for item in items):
+                released.append(held[0])
+                request_pages(*held[0])
+            return lock_requests(items, should_return, should_flush)
+
+        pager._request_pages = hold_k1s_request
+        pager._lock_requests = dispatch_it_then_flush
+        async with trio.open_nursery() as nursery:
+            scene = Scene(nursery)
+            await scene.start("k1 reads", t1.read, a1, 3)  # its request is held
+            assert held and held[0][1] == 0 and not released
+            await scene.start("k2 writes", t2.write, a2, b"NEW")  # its grant flushes k1
+            await scene.settle()
+        assert released, "the flush of k1 never came"
+        assert not pager._queued  # the request left the queue the flushes look in
+        assert scene.results["k1 reads"] in (b"old", b"NEW")  # k1's read and k2's write crossed
+        assert "gave up waiting" not in trace_of(pager)
+        assert await child.read(a1, 3) == b"old"
+        # k1 holds nothing k2 may write: it reads k2's write
+        assert await t1.read(a1, 3) == b"NEW"
+
+
 async def test_two_kernels_whose_copies_need_the_same_page_do_not_wait_for_each_other(mock_clock):
     store = MemoryObject(2 * PAGE)
     store.put(0, b"old".ljust(2 * PAGE, b"\0"))
