@@ -59,7 +59,7 @@ class TemporaryCallbacks(PagerCallbacks):
         try:
             data = os.pread(self.fd, length, offset)
         except OSError as error:
-            raise PagerError(f"reading temporary data: {error.strerror}", KERN_MEMORY_FAILURE) from error
+            raise PagerError(f"reading temporary data: {error.strerror}", KERN_MEMORY_FAILURE, error.errno) from error
         return data.ljust(length, b"\0")
 
     async def write_pages(self, offset: int, data: bytes) -> None:
@@ -68,7 +68,7 @@ class TemporaryCallbacks(PagerCallbacks):
         try:
             os.pwrite(self.fd, data, offset)
         except OSError as error:
-            raise PagerError(f"writing temporary data: {error.strerror}", KERN_MEMORY_FAILURE) from error
+            raise PagerError(f"writing temporary data: {error.strerror}", KERN_MEMORY_FAILURE, error.errno) from error
         self.written.update(self._pages(offset, len(data)))
 
     async def initialize_pages(self, offset: int, data: bytes) -> None:

@@ -936,16 +936,43 @@ class Pager:
         """First data of a kernel-created object: stored unless data is there already."""
         record.pagemap.remove(message.offset, len(message.data))
         reservation = self.sequencer.reserve(message.offset, len(message.data), exclusive=True)
-        self._spawn(self._initialize, message, reservation)
+        self._spawn(self._initialize, record, message, reservation)
 
-    async def _initialize(self, message: m.MemoryObjectDataInitialize, reservation: Reservation) -> None:
+    async def _initialize(self, record: KernelRecord, message: m.MemoryObjectDataInitialize, reservation: Reservation) -> None:
         async with reservation:
             try:
                 await self._call(self.callbacks.initialize_pages, message.offset, message.data)
             except PagerError as error:
-                self.trace.line(f"{self.name} LOST initial data at {message.offset:#x}+{len(message.data)}: {error}")
+                await self._keep_initial(record, message, error)
             else:
                 self._changed_data("stored", message.offset, len(message.data))
+
+    async def _keep_initial(self, record: KernelRecord, message: m.MemoryObjectDataInitialize, error: PagerError) -> None:
+        """initialize_pages failed (a full disk): as for a failed write, the kernel has let the
+        data go, so the pages that have none yet keep it here (`unstored`); where data is there
+        already, the initial data was to be ignored anyway."""
+        kept = 0
+        page_size = record.page_size
+        for index in range(0, len(message.data), page_size):
+            offset = message.offset + index
+            if self.unstored.overlaps(offset, page_size):
+                continue  # a return kept earlier: newer than initial data
+            try:
+                there = await self._call(self.callbacks.read_pages, offset, page_size)
+            except PagerError:
+                there = None  # cannot tell: keeping it loses nothing, dropping it might
+            if there is None:
+                self.unstored.keep(offset, message.data[index : index + page_size], page_size)
+                kept += page_size
+        self.write_failures += 1
+        self.last_write_failure = self.write_refusal = error
+        self.trace.line(
+            f"{self.name} could not store initial data at {message.offset:#x}+{len(message.data)} from {record.label}: {error}; "
+            f"{kept} bytes kept in memory ({len(self.unstored)} in all) until a sync stores them"
+        )
+        log.error("pager %s could not store initial data at %#x: %s", self.name, message.offset, error)
+        if kept:
+            self._changed_data("kept", message.offset, len(message.data))
 
     def _terminate(self, record: KernelRecord, message: m.MemoryObjectTerminate) -> None:
         self._forget(record)

@@ -137,3 +137,43 @@ async def test_a_later_stored_return_wins_over_kept_bytes_and_what_cannot_be_sto
         await pager.flush()
         assert await pager.store_unstored() == PAGE
         assert "LOST 4096 returned bytes" in pager.trace.read(0, 1 << 20).decode()
+
+
+async def test_initial_data_a_full_disk_refuses_is_kept_and_paged_back(tmp_path, monkeypatch):
+    """A kernel pages anonymous memory out to the default manager (memory_object_data_initialize)
+    while the temporaries' disk is full: the data is kept, paged back in, and stored by a sync."""
+    import trio
+
+    import kernelsim
+    from fusepager import default_pager
+
+    full = {"now": True}
+
+    class FullTemporary(default_pager.TemporaryCallbacks):
+        async def write_pages(self, offset, data):
+            if full["now"]:
+                raise PagerError("writing temporary data: No space left on device", KERN_MEMORY_FAILURE, errno.ENOSPC)
+            await super().write_pages(offset, data)
+
+    monkeypatch.setattr(default_pager, "TemporaryCallbacks", FullTemporary)
+    default = default_pager.DefaultManager(tmp_path / "default")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(default.run)
+        async with kernelsim.boot("k1", PAGE, 8) as kernel:
+            kernel.vm_set_default_memory_manager(default.send_right())
+            task = await kernel.task_create()
+            address = task.vm_allocate(32 * PAGE)
+            for page in range(32):  # 8 frames: most of it pages out, none of it can be stored
+                await task.write(address + page * PAGE, bytes([page + 1]) * PAGE)
+            for page in range(32):  # paged back in: from what the pager kept
+                assert await task.read(address + page * PAGE, PAGE) == bytes([page + 1]) * PAGE
+            (temporary,) = default.temporaries.values()
+            assert not temporary.callbacks.written and temporary.pager.unstored
+            assert "could not store initial data" in default.trace.read(0, 1 << 20).decode()
+            full["now"] = False
+            await temporary.pager.sync()
+            assert not temporary.pager.unstored and temporary.callbacks.written
+            for page in sorted(temporary.callbacks.written):
+                assert await temporary.callbacks.read_pages(page, PAGE) == bytes([page // PAGE + 1]) * PAGE
+            task.vm_deallocate(address, 32 * PAGE)
+        nursery.cancel_scope.cancel()
