@@ -350,13 +350,16 @@ def rates(previous: Snapshot | None, current: Snapshot) -> Rates:
 
 
 def interval_latency_us(before: dict[str, float], now: dict[str, float]) -> float | None:
-    """The mean latency of the faults served between two `stats` readings, from the means and
-    counts they give; None when no fault was served, or when the means' rounding (to 1 µs) could
-    put the answer off by more than 10 % (or 1 µs)."""
+    """The mean latency of the faults served between two `stats` readings: from the total times
+    they give, or (a daemon without `latency_total_us`) from their means and counts; None when no
+    fault was served, or when the means' rounding (to 1 µs) could put the answer off by more than
+    10 % (or 1 µs)."""
     n0, n1 = before.get("faults_served", 0), now.get("faults_served", 0)
     served = n1 - n0
     if served <= 0:
         return None
+    if "latency_total_us" in before and "latency_total_us" in now:  # exact, from the sums
+        return max(0.0, (now["latency_total_us"] - before["latency_total_us"]) / served)
     mean = (now.get("latency_mean_us", 0) * n1 - before.get("latency_mean_us", 0) * n0) / served
     error = 0.5 * (n0 + n1) / served
     if error > max(1.0, 0.1 * abs(mean)):

@@ -138,6 +138,7 @@ class Stats:
             f"faults_served {self.faults_served}",
             f"latency_mean_us {mean * 1e6:.0f}",
             f"latency_max_us {self.latency_max * 1e6:.0f}",
+            f"latency_total_us {self.latency_total * 1e6:.0f}",
             f"bytes_in {self.bytes_in}",
             f"bytes_out {self.bytes_out}",
             f"refused {self.refused}",

@@ -180,6 +180,11 @@ def test_rates_between_snapshots_and_since_the_mount():
 
 def test_the_interval_latency_is_given_only_when_the_rounding_allows():
     assert top.interval_latency_us({"faults_served": 10, "latency_mean_us": 100}, {"faults_served": 20, "latency_mean_us": 150}) == 200.0
+    # With the totals the mean over the interval is exact, however the means round.
+    assert top.interval_latency_us(
+        {"faults_served": 10**6, "latency_mean_us": 100, "latency_total_us": 10**8},
+        {"faults_served": 10**6 + 2, "latency_mean_us": 100, "latency_total_us": 10**8 + 350},
+    ) == 175.0
     assert top.interval_latency_us({"faults_served": 10, "latency_mean_us": 100}, {"faults_served": 10, "latency_mean_us": 100}) is None
     # 1 fault more after a million: the means' rounding hides its latency.
     assert top.interval_latency_us({"faults_served": 10**6, "latency_mean_us": 100}, {"faults_served": 10**6 + 1, "latency_mean_us": 100}) is None

@@ -125,7 +125,7 @@ NORMALISE = [
     (re.compile(r'\buser\.fusepager\.pid="\d+"'), 'user.fusepager.pid="N"'),
     (re.compile(r"\b(control|name|reply_to|old_control|new_control|new_name|new_object)=\d+\b"), r"\1=N"),  # port names
     (re.compile(r'\buser\.mach\.(control|name)="\d+"'), r'user.mach.\1="N"'),
-    (re.compile(r"^(latency_(?:mean|max)_us) \d+$"), r"\1 N"),  # stats
+    (re.compile(r"^(latency_(?:mean|max|total)_us) \d+$"), r"\1 N"),  # stats
     (re.compile(r"\b[A-Z][a-z]{2} [ \d]\d \d\d:\d\d\b"), "MMM DD HH:MM"),  # ls -l dates
 ]
 
