@@ -18,6 +18,7 @@ the whole inode: pages read later are noted again).
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -42,6 +43,38 @@ class OutsideCopies(Protocol):
         ...
 
 
+class Runs:
+    """A set of bytes as sorted, disjoint, non-adjacent [start, end) runs: adding and asking
+    cost a binary search (a program touching a large mapping page by page makes many runs)."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __iter__(self):
+        return iter(zip(self._starts, self._ends))
+
+    def __repr__(self) -> str:
+        return f"Runs({list(self)})"
+
+    def add(self, start: int, end: int) -> None:
+        first = bisect.bisect_left(self._ends, start)  # the first run ending at or after start
+        past = bisect.bisect_right(self._starts, end)  # the runs from first to here touch it
+        if first < past:
+            start = min(start, self._starts[first])
+            end = max(end, self._ends[past - 1])
+        self._starts[first:past] = [start]
+        self._ends[first:past] = [end]
+
+    def overlaps(self, start: int, end: int | None) -> bool:
+        """Whether any byte of [start, end) is in the set (end None: to the end)."""
+        index = bisect.bisect_right(self._ends, start)  # the first run ending after start
+        return index < len(self._starts) and (end is None or self._starts[index] < end)
+
+
 class PageCacheCopies:
     """The ranges of one `data` file Linux may hold in its page cache, and their release.
 
@@ -62,7 +95,7 @@ class PageCacheCopies:
         self._drop = drop
         self._spawn = spawn
         self._started = 0  # drops started so far; a note made now is stamped with it
-        self._noted: dict[int, list[tuple[int, int]]] = {}  # stamp -> sorted disjoint [start, end)
+        self._noted: dict[int, Runs] = {}  # stamp -> the ranges noted with it
         self._under_way: trio.Event | None = None  # set when the drop under way ends
         # Changes to the object (by kernels, or by writes that went around the cache) and how
         # many of them a completed drop has caught up with: Linux's pages are current when
@@ -81,27 +114,17 @@ class PageCacheCopies:
         """Linux may hold a copy of [offset, offset+length) from now on."""
         if length <= 0:
             return
-        runs = self._noted.setdefault(self._started, [])
-        runs.append((offset, offset + length))
-        runs.sort()
-        merged: list[tuple[int, int]] = []
-        for start, end in runs:
-            if merged and start <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-            else:
-                merged.append((start, end))
-        runs[:] = merged
+        runs = self._noted.get(self._started)
+        if runs is None:
+            runs = self._noted[self._started] = Runs()
+        runs.add(offset, offset + length)
 
     def may_hold(self, offset: int = 0, length: int | None = None) -> bool:
         """Whether Linux may hold a copy of any byte of the range (of anything, by default)."""
         if not self._noted:
             return False
         end = None if length is None else offset + length
-        for runs in self._noted.values():
-            for start, stop in runs:
-                if offset < stop and (end is None or start < end):
-                    return True
-        return False
+        return any(runs.overlaps(offset, end) for runs in self._noted.values())
 
     @property
     def current(self) -> bool:

@@ -220,3 +220,20 @@ async def test_changes_drop_linuxs_pages_in_the_background_only_when_it_may_hold
         drops.gate.set()
         await trio.testing.wait_all_tasks_blocked()
         assert drops.started == 3 and copies.current and not copies.may_hold()
+
+
+def test_runs_merge_what_touches_and_answer_overlaps():
+    from fusepager.outside import Runs
+
+    runs = Runs()
+    for start, end in [(10, 20), (30, 40), (20, 25), (50, 60), (45, 52), (0, 5)]:
+        runs.add(start, end)
+    assert list(runs) == [(0, 5), (10, 25), (30, 40), (45, 60)]
+    runs.add(5, 45)
+    assert list(runs) == [(0, 60)]
+    assert runs.overlaps(59, 61) and not runs.overlaps(60, 70) and runs.overlaps(0, None) and not runs.overlaps(60, None)
+    sparse = Runs()
+    for page in range(0, 1 << 20, 2):  # a program touching every other page of a large mapping
+        sparse.add(page * 4096, page * 4096 + 4096)
+    assert len(sparse) == 1 << 19
+    assert sparse.overlaps(4096 * 4, 4096 * 4 + 1) and not sparse.overlaps(4096 * 5, 4096 * 6) and sparse.overlaps(4096 * 5, 4096 * 6 + 1)
