@@ -606,15 +606,19 @@ class PagerFS(pyfuse3.Operations):
             pager = self._pager(node)
             try:
                 if pager is None:
+                    if handle.extra["direct"]:
+                        await copies.release(off, len(buf))  # as write_through's outside_first
                     return write_store()
-                return await self._engine(node, pager.write_through(off, len(buf), write_store))
+                # A direct write does not go through Linux's cache: a page Linux read before it
+                # would hold the old bytes and, dirtied by a program later, write them back over
+                # it.  Linux drops the cached pages of the range before sending it (6.18 does;
+                # not every version has), but a page can be read again before the write is
+                # stored: Linux's copies of the range are released first, in the pager's line.
+                return await self._engine(node, pager.write_through(off, len(buf), write_store, outside_first=handle.extra["direct"]))
             finally:
                 if handle.extra["direct"] and copies.may_hold():
-                    # A direct write does not go through Linux's cache.  Linux drops the cached
-                    # pages of the range before sending it (6.18 does; not every version has),
-                    # but a page read meanwhile through another handle would hold the old
-                    # bytes: the cache is dropped in the background, as after a kernel's change
-                    # (and an open meanwhile does not keep it).
+                    # Pages of elsewhere, read before, are dropped in the background, as after a
+                    # kernel's change (and an open meanwhile does not keep them).
                     copies.changed()
         text = self._text(buf, node)
         if node.kind == "ctl":

@@ -835,7 +835,7 @@ class Pager:
     async def _unlock(self, record: KernelRecord, message: m.MemoryObjectDataUnlock, grant: Reservation) -> None:
         offset, length, access = message.offset, message.length, message.desired_access
         if access & VM_PROT_WRITE and self.outside is not None:
-            grant = await self._turn_with_no_outside_copies(grant, record, offset, length)
+            grant = await self._turn_with_no_outside_copies(grant, record.label, offset, length)
         async with grant:
             try:
                 if access & VM_PROT_WRITE and self.write_refusal is not None:
@@ -877,7 +877,7 @@ class Pager:
                 if wanted & ~lock_value & VM_PROT_WRITE:
                     self._changed_data("write_granted", low, high - low)
 
-    async def _turn_with_no_outside_copies(self, grant: Reservation, record: KernelRecord, offset: int, length: int) -> Reservation:
+    async def _turn_with_no_outside_copies(self, grant: Reservation, writer: str, offset: int, length: int) -> Reservation:
         """The grant's turn in line (the reservation returned, entered), taken when no copy of
         the range is held outside the protocol (`self.outside`: Linux's page cache), so that a
         write grant made in that turn cannot be undone by an older copy written back later.
@@ -901,7 +901,7 @@ class Pager:
             if not outside.may_hold(offset, length):
                 return grant
             grant.release()
-            self.trace.line(f"{self.name}: {offset:#x}+{length} may be held outside the protocol (Linux's cache): it is released before {record.label} may write")
+            self.trace.line(f"{self.name}: {offset:#x}+{length} may be held outside the protocol (Linux's cache): it is released before {writer} may write")
             await outside.release(offset, length)
             grant = self.grants.reserve(offset, length, exclusive=True)
 
@@ -1305,11 +1305,18 @@ class Pager:
 
         return await copy.pager.read_through(offset, length, own_or_original)
 
-    async def write_through(self, offset: int, length: int, write: Callable[[], T]) -> T:
+    async def write_through(self, offset: int, length: int, write: Callable[[], T], *, outside_first: bool = False) -> T:
         """Run `write` (of the store, for the mount) once every kernel has given up the range
-        (its changes written first): afterwards every task sees the new bytes."""
+        (its changes written first): afterwards every task sees the new bytes.  With
+        `outside_first` (a write that goes around the copies held outside the protocol: the
+        mount's direct writes, which Linux's cache does not see), those copies are released
+        first, as for a kernel's write grant, so none older than the write is written back
+        over it later."""
         await self._catch_up()
-        async with self.grants.reserve(offset, length, exclusive=True):
+        grant = self.grants.reserve(offset, length, exclusive=True)
+        if outside_first and self.outside is not None:
+            grant = await self._turn_with_no_outside_copies(grant, "a write around Linux's cache", offset, length)
+        async with grant:
             await self._revoke(offset, length, VM_PROT_WRITE, keep=None)
             await self._preserve(offset, length)
             await self._wait_for_revocations(offset, length)

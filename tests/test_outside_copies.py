@@ -12,6 +12,8 @@ the real mount, a kernel process and an mmapping program is in test_linux_copies
 
 from __future__ import annotations
 
+import functools
+
 import trio
 import trio.testing
 
@@ -140,6 +142,26 @@ async def test_linux_reading_a_page_a_kernel_writes_takes_the_kernels_write_acce
             assert (await linux.page(PAGE))[10:16] == b"kernel"
             assert record_of(pager, "k1").pagemap.get(PAGE).access == VM_PROT_READ
             nursery.cancel_scope.cancel()
+
+
+async def test_a_write_around_linuxs_cache_has_linux_let_go_of_the_range_first(mock_clock):
+    """A direct write of `data` does not reach Linux's cached page: were the page kept, a
+    program dirtying another byte of it later would write the old bytes back over the write."""
+    store = MemoryObject(4 * PAGE)
+    store.put(0, bytes(4 * PAGE))
+    async with served(store, ("k1", PAGE, 32)) as (pager, _):
+        async with trio.open_nursery() as nursery:
+            linux = SimulatedPageCache(pager, store, nursery)
+            await linux.store_bytes(PAGE, b"dirty")  # dirty, not yet written back
+            await linux.page(2 * PAGE)  # clean
+            direct = functools.partial(pager.write_through, outside_first=True)
+            await settle(direct, 2 * PAGE + 100, 6, lambda: store.put(2 * PAGE + 100, b"direct"))
+            assert linux.pages == {} and linux.written_back == [(PAGE, b"dirty".ljust(PAGE, b"\0"))]
+            await linux.store_bytes(2 * PAGE, b"later")  # read again: with the direct write
+            await linux.msync(2 * PAGE)
+            nursery.cancel_scope.cancel()
+        assert store.data[2 * PAGE : 2 * PAGE + 5] == b"later"
+        assert store.data[2 * PAGE + 100 : 2 * PAGE + 106] == b"direct"
 
 
 # -- the bookkeeping -------------------------------------------------------------------------
