@@ -155,6 +155,13 @@ class PagerFS(pyfuse3.Operations):
             copies = self._page_cache[inode] = PageCacheCopies(lambda: _drop_page_cache(inode), self.manager.spawn)
         return copies
 
+    async def page_cache_quiet(self) -> None:
+        """Until no drop of Linux's cache is under way (the daemon calls it before it stops
+        serving FUSE requests: a drop waits for Linux's write-backs, which need this loop)."""
+        while any(copies.dropping for copies in self._page_cache.values()):
+            for copies in list(self._page_cache.values()):
+                await copies.quiet()
+
     def _linux_copies_of(self, name: bytes) -> PageCacheCopies:
         return self._linux_copies(self._inode(Node("data", name)))
 

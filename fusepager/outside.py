@@ -133,6 +133,18 @@ class PageCacheCopies:
         cache at an open only then."""
         return self._caught_up == self._changes
 
+    @property
+    def dropping(self) -> bool:
+        """Whether a drop is under way: Linux waits for this loop to serve its write-backs."""
+        return self._under_way is not None
+
+    async def quiet(self) -> None:
+        """Until no drop is under way.  The mount must keep serving Linux until then: a drop
+        left waiting for a write-back nobody serves never ends, and neither do the daemon's
+        thread and the program whose pages it writes back."""
+        while self._under_way is not None:
+            await self._under_way.wait()
+
     # -- making Linux let go -----------------------------------------------------------------
 
     async def release(self, offset: int, length: int) -> None:

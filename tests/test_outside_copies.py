@@ -259,3 +259,19 @@ def test_runs_merge_what_touches_and_answer_overlaps():
         sparse.add(page * 4096, page * 4096 + 4096)
     assert len(sparse) == 1 << 19
     assert sparse.overlaps(4096 * 4, 4096 * 4 + 1) and not sparse.overlaps(4096 * 5, 4096 * 6) and sparse.overlaps(4096 * 5, 4096 * 6 + 1)
+
+
+async def test_quiet_waits_for_the_drop_under_way(mock_clock):
+    drops = Drops()
+    async with trio.open_nursery() as nursery:
+        copies = PageCacheCopies(drops, nursery.start_soon)
+        await copies.quiet()  # nothing under way: at once
+        copies.note(0, PAGE)
+        drops.gate = trio.Event()
+        scene = Scene(nursery)
+        await scene.start("release", copies.release, 0, PAGE)
+        await scene.start("quiet", copies.quiet)
+        assert copies.dropping and "quiet" not in scene.results
+        drops.gate.set()
+        await scene.settle()
+        assert not copies.dropping
