@@ -40,6 +40,7 @@ from kernelsim.interface import COPY_STRATEGY_NAMES, MEMORY_OBJECT_RETURN_ALL, M
 from . import control
 from .control import ControlError
 from .manager import FileManager, display_name
+from .outside import PageCacheCopies
 from .pager import KernelRecord, LockState, LockTimeout, Pager, PagerError
 from .store import StoreError, validate_name
 
@@ -129,55 +130,53 @@ class PagerFS(pyfuse3.Operations):
         self._next_fh = 1
         self._pending_ready: set[Node] = set()
         self.initialized = trio.Event()  # set when Linux's FUSE_INIT has been answered
-        self._invalidating: set[int] = set()
-        self._changes: dict[int, int] = {}  # per data inode: kernel changes seen ...
-        self._invalidated: dict[int, int] = {}  # ... and how many Linux's cache has caught up with
-        self._cached_handles: dict[int, int] = {}  # per data inode: open handles using Linux's cache ...
-        self._cached_opens: dict[int, int] = {}  # ... how many were ever opened ...
-        self._may_be_cached: set[int] = set()  # ... and whether Linux may hold pages of it
+        # Per data inode: the ranges Linux may hold in its page cache, and their release.
+        self._page_cache: dict[int, PageCacheCopies] = {}
         manager.on_object_changed = self._object_changed
+        # Each object's pager asks before a kernel may write (outside.py).
+        manager.outside_copies = self._linux_copies_of
+        for name, pager in manager.pagers.items():
+            pager.outside = self._linux_copies_of(name)
 
     def init(self) -> None:
         self.initialized.set()
 
     # -- Linux's page cache ------------------------------------------------------------------
 
+    def _linux_copies(self, inode: int) -> PageCacheCopies:
+        """What Linux may hold of a `data` inode in its page cache.  Every range it reads or
+        writes through its cache is noted (`read`, `write`), in the pager's line; a kernel is
+        given write access over a noted range only after Linux has written back and dropped
+        its pages (`Pager._turn_with_no_outside_copies`), and a change by kernels drops them in
+        the background (`_object_changed`).  With nothing noted, nothing is ever dropped: no
+        thread per grant for objects Linux never read."""
+        copies = self._page_cache.get(inode)
+        if copies is None:
+            copies = self._page_cache[inode] = PageCacheCopies(lambda: _drop_page_cache(inode), self.manager.spawn)
+        return copies
+
+    async def page_cache_quiet(self) -> None:
+        """Until no drop of Linux's cache is under way (the daemon calls it before it stops
+        serving FUSE requests: a drop waits for Linux's write-backs, which need this loop)."""
+        while any(copies.dropping for copies in self._page_cache.values()):
+            for copies in list(self._page_cache.values()):
+                await copies.quiet()
+
+    def _linux_copies_of(self, name: bytes) -> PageCacheCopies:
+        return self._linux_copies(self._inode(Node("data", name)))
+
     def _object_changed(self, name: bytes) -> None:
         """Kernels changed the object's bytes (or may now): Linux must not serve `data` from its
         cache any more, so a program with it mmapped sees the change at its next touch."""
         inode = self._inodes.get(Node("data", name))
-        if inode is not None:
-            self._data_changed(inode)
-
-    def _data_changed(self, inode: int) -> None:
-        self._changes[inode] = self._changes.get(inode, 0) + 1
-        if inode not in self._may_be_cached and inode not in self._invalidating:
-            # No open since the last drop let Linux cache a page of it: nothing to drop (and
-            # no thread to start for every page a kernel is granted).
-            self._invalidated[inode] = self._changes[inode]
-            return
-        if inode not in self._invalidating:
-            self._invalidating.add(inode)
-            self.manager.spawn(self._invalidate, inode)
-
-    async def _invalidate(self, inode: int) -> None:
-        # In a thread: the invalidation may wait for a request this loop is serving.
-        try:
-            while self._invalidated.get(inode, 0) != self._changes[inode]:
-                generation = self._changes[inode]
-                opens, idle = self._cached_opens.get(inode, 0), not self._cached_handles.get(inode)
-                await trio.to_thread.run_sync(_invalidate_inode, inode)
-                self._invalidated[inode] = generation
-                if idle and self._cached_opens.get(inode, 0) == opens:
-                    self._may_be_cached.discard(inode)  # no handle was there to cache a page since
-        finally:
-            self._invalidating.discard(inode)
+        if inode is not None and inode in self._page_cache:
+            self._page_cache[inode].changed()
 
     def _cache_is_valid(self, node: Node) -> bool:
         """Whether Linux's cached pages of `data` may be kept at open: none of the object's
         changes is still waiting to be invalidated, and no kernel may be changing it now."""
         inode = self._inodes.get(node)
-        if inode is not None and self._invalidated.get(inode, 0) != self._changes.get(inode, 0):
+        if inode is not None and inode in self._page_cache and not self._page_cache[inode].current:
             return False
         pager = self._pager(node)
         return pager is None or not any(record.pagemap.writable() for record in pager.kernels.values())
@@ -514,10 +513,6 @@ class PagerFS(pyfuse3.Operations):
         if node.kind == "data":
             stored = self._store_call(self.manager.store.open, node.object)
             direct = bypasses_cache(flags)
-            if not direct:
-                self._cached_handles[inode] = self._cached_handles.get(inode, 0) + 1
-                self._cached_opens[inode] = self._cached_opens.get(inode, 0) + 1
-                self._may_be_cached.add(inode)
             handle = Handle(node, writable, extra={"stored": stored, "inode": inode, "direct": direct})
             # A new open drops Linux's cached pages unless they are known to be current, so a
             # read(2) right after a kernel's change never sees the old bytes.
@@ -541,10 +536,17 @@ class PagerFS(pyfuse3.Operations):
         node = handle.node
         if node.kind == "data":
             stored = handle.extra["stored"]
+            copies = self._linux_copies(handle.extra["inode"])
+
+            def read_store() -> bytes:
+                # Noted as the store is read, in the pager's line: see _linux_copies.
+                copies.note(off, size)
+                return self._store_call(stored.read, off, size)
+
             pager = self._pager(node)
             if pager is None:
-                return self._store_call(stored.read, off, size)
-            return await self._engine(node, pager.read_through(off, size, lambda: self._store_call(stored.read, off, size)))
+                return read_store()
+            return await self._engine(node, pager.read_through(off, size, read_store))
         if node.kind == "trace":
             return self.trace.read(off, size)
         if node.kind == "tdata":
@@ -601,19 +603,30 @@ class PagerFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         if node.kind == "data":
             stored = handle.extra["stored"]
+            copies = self._linux_copies(handle.extra["inode"])
+
+            def write_store() -> int:
+                if not handle.extra["direct"]:
+                    copies.note(off, len(buf))  # the written bytes are in Linux's cached pages
+                return self._store_call(stored.write, off, buf)
+
             pager = self._pager(node)
             try:
                 if pager is None:
-                    return self._store_call(stored.write, off, buf)
-                return await self._engine(node, pager.write_through(off, len(buf), lambda: self._store_call(stored.write, off, buf)))
+                    if handle.extra["direct"]:
+                        await copies.release(off, len(buf))  # as write_through's outside_first
+                    return write_store()
+                # A direct write does not go through Linux's cache: a page Linux read before it
+                # would hold the old bytes and, dirtied by a program later, write them back over
+                # it.  Linux drops the cached pages of the range before sending it (6.18 does;
+                # not every version has), but a page can be read again before the write is
+                # stored: Linux's copies of the range are released first, in the pager's line.
+                return await self._engine(node, pager.write_through(off, len(buf), write_store, outside_first=handle.extra["direct"]))
             finally:
-                if handle.extra["direct"] and handle.extra["inode"] in self._may_be_cached:
-                    # A direct write does not go through Linux's cache.  Linux drops the cached
-                    # pages of the range before sending it (6.18 does; not every version has),
-                    # but a page read meanwhile through another handle would hold the old
-                    # bytes: the cache is dropped in the background, as after a kernel's change
-                    # (and an open meanwhile does not keep it).
-                    self._data_changed(handle.extra["inode"])
+                if handle.extra["direct"] and copies.may_hold():
+                    # Pages of elsewhere, read before, are dropped in the background, as after a
+                    # kernel's change (and an open meanwhile does not keep them).
+                    copies.changed()
         text = self._text(buf, node)
         if node.kind == "ctl":
             for line in text.splitlines() or [""]:
@@ -686,8 +699,6 @@ class PagerFS(pyfuse3.Operations):
         handle = self._handles.pop(fh, None)
         if handle is not None:
             self._pending_ready.discard(handle.node)
-            if handle.node.kind == "data" and not handle.extra["direct"]:
-                self._cached_handles[handle.extra["inode"]] -= 1
 
     async def flush(self, fh: int) -> None:
         pass
@@ -784,10 +795,19 @@ class PagerFS(pyfuse3.Operations):
         pass  # inodes stay put for the mount's life: a node is a few dozen bytes
 
 
+async def _drop_page_cache(inode: int) -> None:
+    """Have Linux write back its dirty pages of the inode and drop every page.  In a thread:
+    the invalidation waits for those write-backs, which this loop serves; abandoned if the
+    mount ends meanwhile (the unmount ends it too)."""
+    await trio.to_thread.run_sync(_invalidate_inode, inode, abandon_on_cancel=True)
+
+
 def _invalidate_inode(inode: int) -> None:
     try:
         pyfuse3.invalidate_inode(inode)
     except OSError as error:
-        # ENOENT: Linux has forgotten the inode, so it caches nothing of it.
+        # ENOENT: Linux has forgotten the inode, so it caches nothing of it.  Any other error
+        # (none is known: ENOTCONN once unmounted, when nothing is cached either) is logged
+        # and counts as a drop: waiting for ever would stop every kernel's writes.
         if error.errno != errno.ENOENT:
             log.warning("invalidating inode %d: %s", inode, error)

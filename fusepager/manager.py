@@ -22,6 +22,7 @@ from kernelsim.ipc_port import SendRight, port_allocate
 from .control import COPY_NAMES, COPY_STRATEGIES
 from .copies import CopyStore
 from .default_pager import DefaultManager
+from .outside import OutsideCopies
 from .pager import Pager, PagerCallbacks, PagerError
 from .store import FileStore, ObjectMeta, StoredObject, StoreError
 from .trace import Stats, Trace
@@ -110,6 +111,9 @@ class FileManager:
         # Told when kernels change an object's bytes in the store or gain the right to: the
         # mount drops Linux's cached copy of its `data` file.
         self.on_object_changed: Callable[[bytes], None] | None = None
+        # The copies of an object's bytes held outside the protocol, given to its pager (the
+        # mount: Linux's page cache of its `data`; see outside.py).
+        self.outside_copies: Callable[[bytes], OutsideCopies] | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Home of the pagers; runs until cancelled."""
@@ -157,6 +161,8 @@ class FileManager:
             stats=self.stats,
             on_change=lambda kind, offset, length: self._changed(name),
         )
+        if self.outside_copies is not None:
+            pager.outside = self.outside_copies(name)
         assert self._nursery is not None, "FileManager.run is not running"
         self._nursery.start_soon(pager.serve)
         self.pagers[name] = pager

@@ -255,7 +255,7 @@ async def serve(
                     manager.trace.line(f"manager: kernels connect to {listen}")
 
                 with trio.CancelScope() as fuse_scope:
-                    nursery.start_soon(_cancel_on_signal, fuse_scope)
+                    nursery.start_soon(_cancel_on_signal, fuse_scope, operations)
                     nursery.start_soon(when_serving)
                     await pyfuse3.main()
                 manager.trace.line("manager: unmounting; kernels shut down and return their pages")
@@ -278,6 +278,9 @@ def _close_listeners(listeners: list[trio.SocketListener], listen: Address | Non
 
 
 MAX_KERNEL_CONNECTIONS = 64
+PAGE_CACHE_WAIT = 70.0
+"""Seconds a signalled daemon keeps serving while a drop of Linux's cache is under way (its
+write-backs may wait for kernels' lock_completed, up to the engine's 30 s lock timeout)."""
 
 
 def default_listen(store_path: str) -> Address:
@@ -312,10 +315,14 @@ async def _accept_kernels(listeners: list[trio.SocketListener], manager: FileMan
     await trio.serve_listeners(serve, listeners)
 
 
-async def _cancel_on_signal(scope: trio.CancelScope) -> None:
+async def _cancel_on_signal(scope: trio.CancelScope, operations: PagerFS) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for number in signals:
             log.warning("got %s: unmounting", signal.Signals(number).name)
+            # A drop of Linux's cache under way waits for write-backs this loop serves: stopping
+            # now would leave it (and the program whose pages it writes back) stuck for good.
+            with trio.move_on_after(PAGE_CACHE_WAIT):
+                await operations.page_cache_quiet()
             scope.cancel()
             return
 

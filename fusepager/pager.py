@@ -52,6 +52,7 @@ from kernelsim.interface import (
 from kernelsim.ipc_port import ReceivedMessage, ReceiveRight, SendRight, port_allocate
 
 from .copies import CopyStore, MemoryCopyStore
+from .outside import OutsideCopies
 from .pagemap import Pagemap
 from .sequencer import RangeSequencer, Reservation
 from .trace import Stats, Trace
@@ -290,6 +291,10 @@ class Pager:
         self._changed = trio.lowlevel.ParkingLot()
         # The read_pages function last looked at, and how it can run (_read_kind).
         self._read_kind_of: tuple[object, int] = (None, _READ_IN_TASK)
+        # Copies of the bytes held outside the protocol (the mount: Linux's page cache of
+        # `data`): no kernel is given write access over a range they may hold (`_answer`,
+        # `_unlock`); see outside.py.
+        self.outside: OutsideCopies | None = None
 
     def __repr__(self) -> str:
         return f"<pager {self.name} kernels={len(self.kernels)}>"
@@ -661,6 +666,11 @@ class Pager:
         """Answer a data_request with what read_pages gave, and record the grant."""
         if record.control.name not in self.kernels:
             return  # terminated meanwhile
+        outside = self.outside is not None and self.outside.may_hold(offset, length)
+        if outside and data is None:
+            # Linux may hold a copy of the range: no write access now (a data_unlock waits for
+            # Linux to let go, `_unlock`), so the hole goes as zeros, write-locked.
+            data = bytes(length)
         if data is None:
             # Zero-filled pages come unlocked (the protocol says so): the kernel may write them.
             sent = self._send(record, m.MemoryObjectDataUnavailable(offset=offset, size=length))
@@ -671,7 +681,7 @@ class Pager:
                     self._send_lock(record, offset, length, manager_lock)
             granted = None  # as the pagemap says now (the lock may have been sent or not)
         else:
-            lock_value = self._lock_value(offset, length, access)
+            lock_value = self._lock_value(offset, length, access) | (VM_PROT_WRITE if outside else VM_PROT_NONE)
             supply = m.MemoryObjectDataSupply(offset=offset, data=data, lock_value=lock_value, precious=self.precious, reply_to=None)
             sent = self._send(record, supply)
             granted = access & ~lock_value
@@ -824,6 +834,8 @@ class Pager:
 
     async def _unlock(self, record: KernelRecord, message: m.MemoryObjectDataUnlock, grant: Reservation) -> None:
         offset, length, access = message.offset, message.length, message.desired_access
+        if access & VM_PROT_WRITE and self.outside is not None:
+            grant = await self._turn_with_no_outside_copies(grant, record.label, offset, length)
         async with grant:
             try:
                 if access & VM_PROT_WRITE and self.write_refusal is not None:
@@ -864,6 +876,34 @@ class Pager:
                 record.pagemap.set_access(low, high - low, wanted & ~lock_value)
                 if wanted & ~lock_value & VM_PROT_WRITE:
                     self._changed_data("write_granted", low, high - low)
+
+    async def _turn_with_no_outside_copies(self, grant: Reservation, writer: str, offset: int, length: int) -> Reservation:
+        """The grant's turn in line (the reservation returned, entered), taken when no copy of
+        the range is held outside the protocol (`self.outside`: Linux's page cache), so that a
+        write grant made in that turn cannot be undone by an older copy written back later.
+
+        Why one check suffices: copies outside are noted only by someone holding the range in
+        the grants line (the mount's `read_through` and `write_through`) or at once, when nobody
+        holds or waits for it; so while this grant holds its turn, none appears.  Why the turn
+        is given up while the outside lets go: Linux writes its dirty pages back as writes of
+        `data`, which wait for the range in this same line (`write_through`); holding the turn
+        meanwhile would deadlock.  So: give up the place, wait for the release, take a new
+        place at the back of the line, and check again (a copy may have been made meanwhile,
+        by a read that came first: then again)."""
+        outside = self.outside
+        assert outside is not None
+        while True:
+            try:
+                await grant.__aenter__()
+            except BaseException:
+                grant.release()
+                raise
+            if not outside.may_hold(offset, length):
+                return grant
+            grant.release()
+            self.trace.line(f"{self.name}: {offset:#x}+{length} may be held outside the protocol (Linux's cache): it is released before {writer} may write")
+            await outside.release(offset, length)
+            grant = self.grants.reserve(offset, length, exclusive=True)
 
     def _data_return(self, record: KernelRecord, message: m.MemoryObjectDataReturn) -> None:
         length = len(message.data)
@@ -1265,11 +1305,18 @@ class Pager:
 
         return await copy.pager.read_through(offset, length, own_or_original)
 
-    async def write_through(self, offset: int, length: int, write: Callable[[], T]) -> T:
+    async def write_through(self, offset: int, length: int, write: Callable[[], T], *, outside_first: bool = False) -> T:
         """Run `write` (of the store, for the mount) once every kernel has given up the range
-        (its changes written first): afterwards every task sees the new bytes."""
+        (its changes written first): afterwards every task sees the new bytes.  With
+        `outside_first` (a write that goes around the copies held outside the protocol: the
+        mount's direct writes, which Linux's cache does not see), those copies are released
+        first, as for a kernel's write grant, so none older than the write is written back
+        over it later."""
         await self._catch_up()
-        async with self.grants.reserve(offset, length, exclusive=True):
+        grant = self.grants.reserve(offset, length, exclusive=True)
+        if outside_first and self.outside is not None:
+            grant = await self._turn_with_no_outside_copies(grant, "a write around Linux's cache", offset, length)
+        async with grant:
             await self._revoke(offset, length, VM_PROT_WRITE, keep=None)
             await self._preserve(offset, length)
             await self._wait_for_revocations(offset, length)

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import os
 import random
 import re
 import subprocess
-import sys
-import textwrap
 
 import pytest
 
 from fusepager.session import MountSession
 from kernelsim.console import pattern_bytes
+from mmap_program import MmapProgram
 from mounting import sh, trace_lines, wait_until
 
 MiB = 1 << 20
@@ -25,9 +25,12 @@ def new_object(mnt, name="hello", size="256K"):
 
 
 def text_of(answer: str) -> bytes:
-    """The bytes of a console `read ... text` answer."""
+    """The bytes of a console `read ... text` answer: the console prints Python's repr of the
+    bytes (without its b), read back as a literal, never run as code."""
     quoted = answer.split(" ", 4)[4]
-    return eval("b" + quoted)  # the console prints Python's repr of the bytes
+    value = ast.literal_eval("b" + quoted)
+    assert isinstance(value, bytes), f"not a bytes literal: {quoted!r}"
+    return value
 
 
 def test_a_task_write_is_visible_to_cat_with_no_sync(mounted):
@@ -121,54 +124,22 @@ def test_precious_pages_that_are_evicted_come_back_clean_and_nothing_is_lost(tmp
         assert (obj / "data").read_bytes() == bytes(expected)
 
 
-MMAP_HELPER = textwrap.dedent(
-    """
-    import mmap, os, sys
-    fd = os.open(sys.argv[1], os.O_RDWR)
-    view = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    print("ready", flush=True)
-    for line in sys.stdin:
-        verb, offset, *rest = line.split()
-        offset = int(offset)
-        if verb == "read":
-            print(view[offset : offset + int(rest[0])].decode("latin-1"), flush=True)
-        elif verb == "write":
-            view[offset : offset + len(rest[0])] = rest[0].encode()
-            view.flush()  # msync
-            print("written", flush=True)
-    """
-)
-
-
 def test_a_program_with_data_mmapped_sees_a_task_write_and_a_task_sees_its_msync(mounted, tmp_path):
     obj = new_object(mounted.mountpoint)
-    helper = tmp_path / "mmap_helper.py"
-    helper.write_text(MMAP_HELPER)
-    program = subprocess.Popen([sys.executable, str(helper), str(obj / "data")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert program.stdout.readline().strip() == "ready"
-
-        def ask(line: str) -> str:
-            program.stdin.write(line + "\n")
-            program.stdin.flush()
-            return program.stdout.readline().rstrip("\n")
-
-        assert ask("read 4096 4") == "\0\0\0\0"  # the program has the page in its cache now
+    with MmapProgram(obj / "data") as program:
+        assert program.read(4096, 4) == b"\0" * 4  # the program has the page in its cache now
         mounted.command("k1 map hello 256K")
         mounted.command("k1 write hello+4096 TASK")
         # Linux drops its copy of the page in the background when k1 gains write access;
         # the program's next touch after that reads through k1's change.
-        wait_until(lambda: ask("read 4096 4") == "TASK", timeout=5, what="the mmapped page to show TASK")
+        wait_until(lambda: program.read(4096, 4) == b"TASK", timeout=5, what="the mmapped page to show TASK")
         mounted.command("k2 map hello 256K")
         assert text_of(mounted.command("k2 read hello+40000 4 text")) == b"\0" * 4
-        assert ask("write 40000 MMAP") == "written"
+        program.write(40000, b"MMAP")  # returns once msync has
         assert text_of(mounted.command("k2 read hello+40000 4 text")) == b"MMAP"
         assert text_of(mounted.command("k1 read hello+40000 4 text")) == b"MMAP"
         mounted.command("k1 write hello+4100 again")
-        wait_until(lambda: ask("read 4096 9") == "TASKagain", timeout=5, what="the second task write")
-    finally:
-        program.kill()
-        program.wait()
+        wait_until(lambda: program.read(4096, 9) == b"TASKagain", timeout=5, what="the second task write")
 
 
 SEED = int(os.environ.get("FUSEPAGER_SEED", "20261127"))
