@@ -12,7 +12,8 @@ Numbers are decimal or 0x hex, with an optional K, M or G (x1024) suffix, from 0
 to lift a lock.
 
 `CtlLines` collects what is written to one open `ctl` into lines: a line is run once it is
-whole, however the writes cut it, and every line of a write is checked before any runs.
+whole, however the writes cut it; every line of a write is checked before any runs, and after
+a refused line nothing more written to that open file runs.
 """
 
 from __future__ import annotations
@@ -218,47 +219,37 @@ it, so a writer cannot make the daemon hold more."""
 
 
 class CtlLines:
-    """The lines written to one open `ctl` file, as a shell pipe delivers them: a write may
-    hold several lines, or part of one (`sy`, then `nc\n`).
+    """The lines written to one open `ctl` file, as a pipe delivers them: a write may hold
+    several lines, or part of one (`sy`, then `nc\n`).
 
-    `take(data)` returns the commands of the lines `data` completes, all checked before any is
-    returned: one bad line refuses the whole write (ControlError) and none of its commands
-    runs (all or nothing).  A refused write is not kept, nor the part of a line that earlier
-    writes began: that line was refused with it.  The unterminated last line waits for the
-    next write; `rest()` gives it at close, so `echo -n sync > ctl` still runs.  A line longer
-    than MAX_LINE is refused when it gets that long, and so is every write until its end."""
+    `take(data)` returns the commands of the lines `data` completes, every one checked before
+    any is returned: one bad line refuses the whole write (ControlError) and none of its
+    commands runs (all or nothing).  The unterminated last line waits for the next write;
+    `rest()` gives it at close, so `echo -n sync > ctl` still runs.  A line longer than
+    MAX_LINE is refused as soon as it is that long.
+
+    A refusal also ends what this open file takes: every later write is refused, and a line
+    left at close does not run.  A shell's `printf 'a\nb\nc\n'` writes each line on its own,
+    so this is what keeps `c` from running after `b` was refused (`a` ran before `b` came)."""
 
     def __init__(self) -> None:
         self._partial = b""
-        self._overlong = False  # the rest of a refused over-long line is still coming
+        self._refused = ""  # why an earlier write was refused, if one was
 
     def take(self, data: bytes) -> list[tuple[str, Command]]:
-        partial, overlong = self._partial, self._overlong
-        self._partial, self._overlong = b"", False  # what stays if the write is refused
-        *whole, tail = (partial + data).split(b"\n")
-        if overlong:
-            if not whole:
-                self._overlong = True
-                raise ControlError(f"the rest of a line longer than {MAX_LINE} bytes")
-            raise ControlError(f"the end of a line longer than {MAX_LINE} bytes (the write is refused with it)")
-        if len(tail) > MAX_LINE or any(len(line) > MAX_LINE for line in whole):
-            self._overlong = len(tail) > MAX_LINE
-            raise ControlError(f"a line longer than {MAX_LINE} bytes")
-        lines = [_decode(line) for line in whole]
+        if self._refused:
+            raise ControlError(f"an earlier line on this open file was refused ({self._refused}): nothing after it runs; open ctl again")
         try:
-            codecs.getincrementaldecoder("utf-8")().decode(tail, final=False)  # a valid beginning?
-        except UnicodeDecodeError:
-            raise ControlError("not UTF-8 text") from None
-        commands = [(line.strip(), parse_ctl(line)) for line in lines if line.strip()]
-        if lines and not commands and not tail.strip():
-            parse_ctl("")  # a write of empty lines only: say what the commands are
-        self._partial = tail
+            commands, self._partial = _lines(self._partial + data)
+        except ControlError as error:
+            self._refused, self._partial = str(error), b""
+            raise
         return commands
 
     def rest(self) -> list[tuple[str, Command]]:
         """The command of the unterminated last line, if there is one (at close)."""
-        tail, self._partial, self._overlong = self._partial, b"", False
-        if not tail.strip():
+        tail, self._partial = self._partial, b""
+        if not tail.strip() or self._refused:
             return []
         line = _decode(tail)
         return [(line.strip(), parse_ctl(line))]
@@ -266,6 +257,22 @@ class CtlLines:
     @property
     def pending(self) -> bool:
         return bool(self._partial.strip())
+
+
+def _lines(text: bytes) -> tuple[list[tuple[str, Command]], bytes]:
+    """The commands of the whole lines of `text`, and what is left of its last line."""
+    *whole, tail = text.split(b"\n")
+    if len(tail) > MAX_LINE or any(len(line) > MAX_LINE for line in whole):
+        raise ControlError(f"a line longer than {MAX_LINE} bytes")
+    lines = [_decode(line) for line in whole]
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(tail, final=False)  # may become text?
+    except UnicodeDecodeError:
+        raise ControlError("not UTF-8 text") from None
+    commands = [(line.strip(), parse_ctl(line)) for line in lines if line.strip()]
+    if lines and not commands and not tail.strip():
+        parse_ctl("")  # a write of empty lines only: say what the commands are
+    return commands, tail
 
 
 def _decode(line: bytes) -> str:
