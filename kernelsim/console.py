@@ -423,12 +423,14 @@ async def serve_stdin(execute: Callable[[str], Awaitable[str]], *, prompt: Calla
     Lines are read by a daemon thread: a blocking read of a terminal or pipe is the one thing
     trio cannot wait on without switching stdin to non-blocking mode, which would leak into
     the user's shell."""
-    send, receive = trio.open_memory_channel[str | None](0)
+    send, receive = trio.open_memory_channel[bytes | None](0)
     token = trio.lowlevel.current_trio_token()
 
     def reader() -> None:
         try:
-            for line in sys.stdin:
+            # Bytes, decoded one line at a time below: a line that is not UTF-8 gets its error
+            # answer, where decoding the stream would end the reader (and the input) there.
+            for line in sys.stdin.buffer:
                 trio.from_thread.run(send.send, line, trio_token=token)
             trio.from_thread.run(send.send, None, trio_token=token)
         except trio.RunFinishedError:
@@ -438,9 +440,14 @@ async def serve_stdin(execute: Callable[[str], Awaitable[str]], *, prompt: Calla
     while True:
         if prompt is not None:
             print(prompt(), end="", flush=True)
-        line = await receive.receive()
-        if line is None:
+        raw = await receive.receive()
+        if raw is None:
             return
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            print(f"error the command is not UTF-8 text: {raw[:60]!r}", flush=True)
+            continue
         answer = await execute(line)
         if answer:
             print(answer, flush=True)
