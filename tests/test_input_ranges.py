@@ -170,3 +170,18 @@ def test_a_kernel_process_option_out_of_range_is_refused(process_mapped, option,
     assert complaint in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert sorted(os.listdir(obj / "kernels")) == ["k1"]
     _alive(session, k1, obj)
+
+
+def test_a_console_line_that_is_not_utf8_gets_an_error_and_the_kernel_takes_more(process_mapped):
+    """The reader of `kernelsim run`'s input decoded the stream as the locale says: with strict
+    decoding (PYTHONIOENCODING=utf-8:strict, a UTF-8 locale Python does not coerce) a byte
+    that is not UTF-8 ended the reader and the kernel took no command after; with Python's
+    usual surrogateescape, the command ran with mangled text.  Now each line is decoded on its
+    own, whatever the locale, and one that is not UTF-8 is refused as such."""
+    session, k1, obj = process_mapped
+    assert k1.process.stdin is not None
+    k1.process.stdin.buffer.write(b"read h+\xff\xfe 4\n")
+    k1.process.stdin.buffer.flush()
+    answer = k1.answer(timeout=10)
+    assert answer.startswith("error the command is not UTF-8 text"), answer
+    _alive(session, k1, obj)
