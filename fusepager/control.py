@@ -6,12 +6,19 @@ a message that says what is wrong (the mount answers EINVAL and writes the messa
     ctl:    sync | flush [OFF LEN] | clean [OFF LEN] | lock OFF LEN PROT
             | destroy [REASON] | attributes [may_cache=0|1] [copy=none|call|delay]
     ready:  [may_cache=0|1] [copy=none|call|delay]
-Numbers are decimal or 0x hex, with an optional K, M or G (x1024) suffix.  PROT names the
-accesses to forbid, as a lock value does: some of r, w, x, or `none` to lift a lock.
+Numbers are decimal or 0x hex, with an optional K, M or G (x1024) suffix, from 0 to 2**62
+(offsets and lengths); a REASON is a kern_return_t: a KERN_* name or a number that fits a signed
+32-bit int.  PROT names the accesses to forbid, as a lock value does: some of r, w, x, or `none`
+to lift a lock.
+
+`CtlLines` collects what is written to one open `ctl` into lines: a line is run once it is
+whole, however the writes cut it; every line of a write is checked before any runs, and after
+a refused line nothing more written to that open file runs.
 """
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass
 
 from kernelsim.interface import (
@@ -22,6 +29,7 @@ from kernelsim.interface import (
     VM_PROT_NONE,
     VM_PROT_READ,
     VM_PROT_WRITE,
+    KERN_RETURN_T,
     KernReturn,
 )
 
@@ -130,9 +138,12 @@ def parse_reason(text: str) -> int:
     if not name.startswith("KERN_") and f"KERN_{name}" in KernReturn.__members__:
         return int(KernReturn[f"KERN_{name}"])
     try:
-        return int(text, 0)
+        value = int(text, 0)
     except ValueError:
         raise ControlError(f"reason {text!r}: a number or a KERN_* name") from None
+    if value not in KERN_RETURN_T:
+        raise ControlError(f"reason {text!r} is out of range: a reason is a {KERN_RETURN_T.describe()}")
+    return value
 
 
 def parse_attributes(words: list[str], what: str) -> Attributes:
@@ -200,3 +211,72 @@ def parse_ready(text: str) -> Attributes:
     if len(lines) > 1:
         raise ControlError("ready takes one line: may_cache=0|1 copy=none|call|delay")
     return parse_attributes(lines[0].split() if lines else [], "ready")
+
+
+MAX_LINE = 4096
+"""The longest ctl line, newline excluded.  What waits for the rest of its line is bounded by
+it, so a writer cannot make the daemon hold more."""
+
+
+class CtlLines:
+    """The lines written to one open `ctl` file, as a pipe delivers them: a write may hold
+    several lines, or part of one (`sy`, then `nc\n`).
+
+    `take(data)` returns the commands of the lines `data` completes, every one checked before
+    any is returned: one bad line refuses the whole write (ControlError) and none of its
+    commands runs (all or nothing).  The unterminated last line waits for the next write;
+    `rest()` gives it at close, so `echo -n sync > ctl` still runs.  A line longer than
+    MAX_LINE is refused as soon as it is that long.
+
+    A refusal also ends what this open file takes: every later write is refused, and a line
+    left at close does not run.  A shell's `printf 'a\nb\nc\n'` writes each line on its own,
+    so this is what keeps `c` from running after `b` was refused (`a` ran before `b` came)."""
+
+    def __init__(self) -> None:
+        self._partial = b""
+        self._refused = ""  # why an earlier write was refused, if one was
+
+    def take(self, data: bytes) -> list[tuple[str, Command]]:
+        if self._refused:
+            raise ControlError(f"an earlier line on this open file was refused ({self._refused}): nothing after it runs; open ctl again")
+        try:
+            commands, self._partial = _lines(self._partial + data)
+        except ControlError as error:
+            self._refused, self._partial = str(error), b""
+            raise
+        return commands
+
+    def rest(self) -> list[tuple[str, Command]]:
+        """The command of the unterminated last line, if there is one (at close)."""
+        tail, self._partial = self._partial, b""
+        if not tail.strip() or self._refused:
+            return []
+        line = _decode(tail)
+        return [(line.strip(), parse_ctl(line))]
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._partial.strip())
+
+
+def _lines(text: bytes) -> tuple[list[tuple[str, Command]], bytes]:
+    """The commands of the whole lines of `text`, and what is left of its last line."""
+    *whole, tail = text.split(b"\n")
+    if len(tail) > MAX_LINE or any(len(line) > MAX_LINE for line in whole):
+        raise ControlError(f"a line longer than {MAX_LINE} bytes")
+    lines = [_decode(line) for line in whole]
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(tail, final=False)  # may become text?
+    except UnicodeDecodeError:
+        raise ControlError("not UTF-8 text") from None
+    commands = [(line.strip(), parse_ctl(line)) for line in lines if line.strip()]
+    if lines and not commands and not tail.strip():
+        parse_ctl("")  # a write of empty lines only: say what the commands are
+    return commands, tail
+
+
+def _decode(line: bytes) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ControlError("not UTF-8 text") from None

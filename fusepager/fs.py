@@ -16,7 +16,8 @@
       stats                    counters
 
 Extended attributes `user.mach.*` on object and kernel directories show (and, where settable,
-change) the attributes.  Every refusal answers an errno and writes a line to `trace`.
+change) the attributes.  Every refusal answers an errno and writes a line to `trace`; an error
+no handler expected answers EIO (`fs_guard`) and never ends the mount.
 
 All handlers run in the mount's trio loop beside the pagers and any in-process kernels, so they
 call the engine directly; nothing here blocks.
@@ -39,6 +40,7 @@ from kernelsim.interface import COPY_STRATEGY_NAMES, MEMORY_OBJECT_RETURN_ALL, M
 
 from . import control
 from .control import ControlError
+from .fs_guard import guard_requests
 from .manager import FileManager, display_name
 from .outside import PageCacheCopies
 from .pager import KernelRecord, LockState, LockTimeout, Pager, PagerError
@@ -115,6 +117,7 @@ def bypasses_cache(flags: int) -> bool:
     return (flags & os.O_ACCMODE) == os.O_WRONLY
 
 
+@guard_requests  # an unexpected error in one request answers EIO; the mount goes on
 class PagerFS(pyfuse3.Operations):
     enable_writeback_cache = False
 
@@ -385,9 +388,17 @@ class PagerFS(pyfuse3.Operations):
         }.get(node.kind, Node("object", node.object))
 
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        handle = self._handles.get(fh) if fh is not None else None
+        if handle is not None:
+            self._check_current(handle)  # ftruncate of a descriptor of a removed object
         node = self._node(inode)
         if fields.update_mode or fields.update_uid or fields.update_gid:
             raise self._refuse(errno.EPERM, f"chmod/chown of {self._path(node)}")
+        if (fields.update_atime or fields.update_mtime) and not fields.update_size:
+            # Like the mode and owner, the times are not the user's to set: `data`'s are its
+            # store file's, the rest are the mount's.  (A truncate sets them too: it is the
+            # size that counts there, and the store file's mtime changes with it.)
+            raise self._refuse(errno.EPERM, f"setting the times of {self._path(node)}")
         if fields.update_size:
             if node.kind == "data":
                 await self._truncate(node, attr.st_size)
@@ -518,7 +529,12 @@ class PagerFS(pyfuse3.Operations):
             # read(2) right after a kernel's change never sees the old bytes.
             return pyfuse3.FileInfo(fh=self._new_handle(handle), keep_cache=self._cache_is_valid(node), direct_io=direct)
         content = None if node.kind in ("trace", "tdata", "snapshot") or writable else self._content(node)
-        return pyfuse3.FileInfo(fh=self._new_handle(Handle(node, writable, content)), direct_io=True)
+        extra: dict[str, Any] = {}
+        if node.kind == "ctl" and writable:
+            # The object this ctl belongs to (a removed and re-made one is another), and the
+            # lines written to it that wait for their end.
+            extra = {"stored": self._store_call(self.manager.store.open, node.object), "lines": control.CtlLines()}
+        return pyfuse3.FileInfo(fh=self._new_handle(Handle(node, writable, content, extra)), direct_io=True)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext):
         parent = self._node(parent_inode)
@@ -535,6 +551,7 @@ class PagerFS(pyfuse3.Operations):
         handle = self._handles[fh]
         node = handle.node
         if node.kind == "data":
+            self._check_current(handle)
             stored = handle.extra["stored"]
             copies = self._linux_copies(handle.extra["inode"])
 
@@ -596,11 +613,19 @@ class PagerFS(pyfuse3.Operations):
         data = await self._engine(node, temporary.pager.read_through(low, high - low, own_or_original))  # type: ignore[attr-defined]
         return data[off - low : off - low + size]
 
+    def _check_current(self, handle: Handle) -> None:
+        """ESTALE for a descriptor of an object that was removed since it was opened (and
+        perhaps made again under its name: that is another object)."""
+        stored = handle.extra.get("stored")
+        if stored is not None and stored.closed:
+            raise self._refuse(errno.ESTALE, f"{self._path(handle.node)}: the object was removed after this file was opened")
+
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handles[fh]
         node = handle.node
         if not handle.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
+        self._check_current(handle)
         if node.kind == "data":
             stored = handle.extra["stored"]
             copies = self._linux_copies(handle.extra["inode"])
@@ -627,12 +652,14 @@ class PagerFS(pyfuse3.Operations):
                     # Pages of elsewhere, read before, are dropped in the background, as after a
                     # kernel's change (and an open meanwhile does not keep them).
                     copies.changed()
-        text = self._text(buf, node)
         if node.kind == "ctl":
-            for line in text.splitlines() or [""]:
-                if line.strip() or len(text.splitlines()) <= 1:
-                    await self._control(node, line)
+            try:
+                commands = handle.extra["lines"].take(buf)
+            except ControlError as error:
+                raise self._refuse(errno.EINVAL, f"{self._path(node)}: {error}") from None
+            await self._run_ctl(node, commands)
             return len(buf)
+        text = self._text(buf, node)
         if node.kind == "kfile" and node.file == "ready":
             await self._ready(node, text)
             return len(buf)
@@ -644,14 +671,15 @@ class PagerFS(pyfuse3.Operations):
         except UnicodeDecodeError:
             raise self._refuse(errno.EINVAL, f"{self._path(node)}: not UTF-8 text") from None
 
-    async def _control(self, node: Node, line: str) -> None:
+    async def _run_ctl(self, node: Node, commands: list[tuple[str, control.Command]]) -> None:
+        """Run checked ctl commands in order; the first that fails stops the rest."""
+        for line, command in commands:
+            await self._control(node, line, command)
+
+    async def _control(self, node: Node, line: str, command: control.Command) -> None:
         name = node.object
-        try:
-            command = control.parse_ctl(line)
-        except ControlError as error:
-            raise self._refuse(errno.EINVAL, f"{self._path(node)}: {error}") from None
-        self.trace.line(f"mount ctl {display_name(name)}: {line.strip()}")
-        pager = self.manager.pager(name)
+        self.trace.line(f"mount ctl {display_name(name)}: {line}")
+        pager = self._store_call(self.manager.pager, name)
         if isinstance(command, control.Sync):
             await self._engine(node, pager.sync())
             self._store_call(self.manager.store.open(name).sync)
@@ -699,14 +727,37 @@ class PagerFS(pyfuse3.Operations):
         handle = self._handles.pop(fh, None)
         if handle is not None:
             self._pending_ready.discard(handle.node)
+            if "lines" in handle.extra and handle.extra["lines"].pending:
+                # No flush came (it always does at close(2)): the line still runs; an error
+                # has nobody to go to but the trace.
+                try:
+                    await self._run_ctl_rest(handle)
+                except pyfuse3.FUSEError:
+                    pass
 
     async def flush(self, fh: int) -> None:
-        pass
+        """close(2): a ctl line written without its newline (`echo -n sync > ctl`) runs now,
+        and its errno is close's."""
+        handle = self._handles.get(fh)
+        if handle is not None and "lines" in handle.extra:
+            await self._run_ctl_rest(handle)
+
+    async def _run_ctl_rest(self, handle: Handle) -> None:
+        lines: control.CtlLines = handle.extra["lines"]
+        if not lines.pending:
+            return
+        try:
+            commands = lines.rest()  # taken, whether it runs or is refused
+        except ControlError as error:
+            raise self._refuse(errno.EINVAL, f"{self._path(handle.node)}: {error}") from None
+        self._check_current(handle)
+        await self._run_ctl(handle.node, commands)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self._handles.get(fh)
         if handle is not None and handle.node.kind == "data":
-            self._store_call(self.manager.store.open(handle.node.object).sync)
+            self._check_current(handle)
+            self._store_call(handle.extra["stored"].sync)
 
     # -- extended attributes -----------------------------------------------------------------
 
@@ -757,7 +808,10 @@ class PagerFS(pyfuse3.Operations):
             if name in self._xattr_names(node):
                 raise self._refuse(errno.EROFS, f"setxattr {where}: read-only attribute")
             raise self._refuse(errno.EINVAL, f"setxattr {where}: no such attribute")
-        text = value.decode("utf-8", "replace").strip()
+        try:
+            text = value.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise self._refuse(errno.EINVAL, f"setxattr {where}: the value is not UTF-8 text") from None
         try:
             if name == b"user.mach.copy_strategy":
                 await self._engine(node, self.manager.set_attributes(node.object, None, control.parse_copy(text)))

@@ -16,7 +16,7 @@ from pathlib import Path
 import trio
 
 from kernelsim import messages as m
-from kernelsim.interface import KERN_INVALID_NAME, KERN_MEMORY_FAILURE, KERN_SUCCESS, MachSendInvalidDest
+from kernelsim.interface import KERN_FAILURE, KERN_INVALID_NAME, KERN_MEMORY_FAILURE, KERN_SUCCESS, MachSendInvalidDest
 from kernelsim.ipc_port import SendRight, port_allocate
 
 from .control import COPY_NAMES, COPY_STRATEGIES
@@ -138,6 +138,11 @@ class FileManager:
             except StoreError as error:
                 self.trace.line(f"name service: no object {message.name!r} ({error})")
                 answer = m.NetnameLookUpReply(return_code=KERN_INVALID_NAME, port=None)
+            except Exception as error:
+                # A bug met by one look-up: that kernel hears KERN_FAILURE, the service goes on.
+                log.exception("name service: internal error looking up %r", message.name)
+                self.trace.line(f"name service INTERNAL ERROR looking up {message.name!r}: {error!r} (see the daemon's log)")
+                answer = m.NetnameLookUpReply(return_code=KERN_FAILURE, port=None)
             try:
                 message.reply.send(answer)
             except MachSendInvalidDest:
@@ -175,7 +180,17 @@ class FileManager:
     def spawn(self, function, *args) -> None:
         """Run a background task beside the pagers."""
         assert self._nursery is not None, "FileManager.run is not running"
-        self._nursery.start_soon(function, *args)
+        self._nursery.start_soon(self._guarded, function, *args)
+
+    async def _guarded(self, function, *args) -> None:
+        """A background task's bug is logged and traced; it never ends the manager (and with
+        it the mount)."""
+        try:
+            await function(*args)
+        except Exception as error:
+            name = getattr(function, "__name__", function)
+            log.exception("manager: internal error in %s", name)
+            self.trace.line(f"manager INTERNAL ERROR in {name}: {error!r} (see the daemon's log)")
 
     def active(self, name: bytes) -> Pager | None:
         """The object's pager if one runs (no pager means no kernel has used it)."""

@@ -24,6 +24,8 @@ import trio
 
 import kernelsim
 from kernelsim.console import Console, serve_stdin
+from kernelsim.interface import KernError
+from kernelsim.kernel import check_configuration as check_kernel_configuration
 from kernelsim.transport import UNIX_PATH_MAX, Address, Connection
 
 from .fs import PagerFS
@@ -60,7 +62,13 @@ class KernelSpec:
             numbers = [int(part, 0) for part in parts[1:]]
         except ValueError:
             raise ValueError(f"kernel {text!r}: page size, memory and cluster must be numbers") from None
-        return cls(parts[0], *numbers)
+        spec = cls(parts[0], *numbers)
+        try:
+            # Refused here, with the option named, rather than when the kernel boots.
+            check_kernel_configuration(spec.page_size, spec.memory_pages, spec.cluster_pages)
+        except KernError as error:
+            raise ValueError(f"kernel {text!r}: {error}") from None
+        return spec
 
 
 # -- the state of a mount point --------------------------------------------------------------

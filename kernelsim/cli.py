@@ -43,10 +43,14 @@ DIRECTIONS = {
 
 def _field_text(cls: type[messages.Message]) -> str:
     hints = typing.get_type_hints(cls)
+    integers = messages.integer_types(cls)
     parts = []
     for field in dataclasses.fields(cls):
         hint = hints[field.name]
-        kind = getattr(hint, "__name__", None) or str(hint).replace("kernelsim.ipc_port.", "")
+        if field.name in integers:
+            kind = integers[field.name].name  # kern_return_t, vm_offset_t: says which values fit
+        else:
+            kind = getattr(hint, "__name__", None) or str(hint).replace("kernelsim.ipc_port.", "")
         parts.append(f"{field.name}: {kind}")
     return ", ".join(parts)
 

@@ -2,7 +2,8 @@
 
 A message body is its id (u32) followed by its fields in declaration order:
 
-    int            i64, little-endian
+    int            i64, little-endian; only the values of the field's interface type are valid
+                   (a kern_return_t is a signed 32-bit int, a vm_offset_t 0..2**63-1)
     bool           u8, 0 or 1
     bytes          u32 length, then the bytes (at most MAX_DATA)
     port right     u8 disposition (0 for a null port, else MACH_MSG_TYPE_PORT_*), u64 name
@@ -24,8 +25,9 @@ from dataclasses import dataclass
 from functools import cache
 
 from .interface import MACH_MSG_TYPE_PORT_RECEIVE, MACH_MSG_TYPE_PORT_SEND, MACH_MSG_TYPE_PORT_SEND_ONCE
+from .interface import IntegerType
 from .ipc_port import PortRight, ReceiveRight, SendOnceRight, SendRight
-from .messages import MESSAGE_TYPES, Message
+from .messages import MESSAGE_TYPES, Message, integer_types
 
 MAX_DATA = 64 * 1024 * 1024
 """The largest data field a message may carry (a cluster of pages, a supply, a return)."""
@@ -50,6 +52,7 @@ class _Field:
     kind: str  # "int", "bool", "bytes", "port"
     dispositions: frozenset[int] = frozenset()
     optional: bool = False
+    integer_type: IntegerType | None = None
 
 
 _PORT_KINDS: dict[type, frozenset[int]] = {
@@ -64,6 +67,7 @@ _PORT_KINDS: dict[type, frozenset[int]] = {
 @cache
 def _layout(cls: type[Message]) -> tuple[_Field, ...]:
     hints = typing.get_type_hints(cls)
+    integers = integer_types(cls)
     fields = []
     for field in dataclasses.fields(cls):
         hint = hints[field.name]
@@ -75,7 +79,7 @@ def _layout(cls: type[Message]) -> tuple[_Field, ...]:
         if hint is bool:
             fields.append(_Field(field.name, "bool"))
         elif hint is int:
-            fields.append(_Field(field.name, "int"))
+            fields.append(_Field(field.name, "int", integer_type=integers[field.name]))
         elif hint is bytes:
             fields.append(_Field(field.name, "bytes"))
         elif hint in _PORT_KINDS:
@@ -83,6 +87,13 @@ def _layout(cls: type[Message]) -> tuple[_Field, ...]:
         else:
             raise TypeError(f"{cls.__name__}.{field.name}: no wire encoding for {hint!r}")
     return tuple(fields)
+
+
+def _check_integer(mach_name: str, field: _Field, value: object) -> None:
+    kind = field.integer_type
+    assert kind is not None
+    if value not in kind:
+        raise MessageFormatError(f"{mach_name}.{field.name}: {value!r} is not a valid {kind.describe()}")
 
 
 def encode(message: Message, name_of: NameOf) -> bytes:
@@ -97,6 +108,7 @@ def encode_parts(message: Message, name_of: NameOf) -> list[bytes]:
     for field in _layout(type(message)):
         value = getattr(message, field.name)
         if field.kind == "int":
+            _check_integer(message.mach_name, field, value)
             parts.append(_INT.pack(value))
         elif field.kind == "bool":
             parts.append(_BOOL.pack(1 if value else 0))
@@ -134,7 +146,9 @@ def decode(data: bytes | bytearray | memoryview, right_for: RightFor) -> Message
 
     for field in _layout(cls):
         if field.kind == "int":
-            (values[field.name],) = _INT.unpack(take(_INT.size, field.name))
+            (value,) = _INT.unpack(take(_INT.size, field.name))
+            _check_integer(cls.mach_name, field, value)
+            values[field.name] = value
         elif field.kind == "bool":
             (flag,) = _BOOL.unpack(take(_BOOL.size, field.name))
             if flag not in (0, 1):

@@ -19,6 +19,7 @@ Addresses are numbers (0x... or decimal) or NAME[+OFFSET]: the mapping of NAME m
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 import shlex
 import sys
@@ -42,6 +43,8 @@ from .interface import (
 from .ipc_port import SendRight
 from .kernel import Kernel
 from .task import Task
+
+log = logging.getLogger("kernelsim.console")
 
 Resolver = Callable[[str], Awaitable[SendRight]]
 
@@ -114,6 +117,9 @@ def parse_prot(text: str) -> int:
 
 
 SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+MAX_NUMBER = (1 << 64) - 1
+"""No number a command takes is wider than an address (vm_offset_t on a 64-bit host); the kernel
+calls refuse the values past their own limits with a KERN_* error."""
 
 
 def parse_number(text: str, what: str) -> int:
@@ -127,6 +133,8 @@ def parse_number(text: str, what: str) -> int:
         raise ConsoleError(f"bad {what} {text!r}: not a number") from None
     if value < 0:
         raise ConsoleError(f"bad {what} {text!r}: negative")
+    if value > MAX_NUMBER:
+        raise ConsoleError(f"bad {what} {text!r}: out of range (at most {MAX_NUMBER:#x}, a 64-bit address)")
     return value
 
 
@@ -184,6 +192,11 @@ class Console:
             return f"error {error}"
         except ValueError as error:
             return f"error {error}"
+        except Exception as error:
+            # A bug met by this command: it answers an error, and the kernel (and every other
+            # task and object it serves) goes on.  The traceback goes to the log.
+            log.exception("console: internal error in %r", line)
+            return f"error internal error in {command}: {error!r} (see the log)"
 
     # -- commands ----------------------------------------------------------------------------
 
@@ -410,12 +423,14 @@ async def serve_stdin(execute: Callable[[str], Awaitable[str]], *, prompt: Calla
     Lines are read by a daemon thread: a blocking read of a terminal or pipe is the one thing
     trio cannot wait on without switching stdin to non-blocking mode, which would leak into
     the user's shell."""
-    send, receive = trio.open_memory_channel[str | None](0)
+    send, receive = trio.open_memory_channel[bytes | None](0)
     token = trio.lowlevel.current_trio_token()
 
     def reader() -> None:
         try:
-            for line in sys.stdin:
+            # Bytes, decoded one line at a time below: a line that is not UTF-8 gets its error
+            # answer, where decoding the stream would end the reader (and the input) there.
+            for line in sys.stdin.buffer:
                 trio.from_thread.run(send.send, line, trio_token=token)
             trio.from_thread.run(send.send, None, trio_token=token)
         except trio.RunFinishedError:
@@ -425,9 +440,14 @@ async def serve_stdin(execute: Callable[[str], Awaitable[str]], *, prompt: Calla
     while True:
         if prompt is not None:
             print(prompt(), end="", flush=True)
-        line = await receive.receive()
-        if line is None:
+        raw = await receive.receive()
+        if raw is None:
             return
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            print(f"error the command is not UTF-8 text: {raw[:60]!r}", flush=True)
+            continue
         answer = await execute(line)
         if answer:
             print(answer, flush=True)

@@ -7,6 +7,7 @@ reach into the kernel's internals.  Values are GNU Mach's, so a trace reads like
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 # --- vm_prot.h -------------------------------------------------------------------------------
 
@@ -34,6 +35,39 @@ MEMORY_OBJECT_COPY_TEMPORARY = 3
 MEMORY_OBJECT_RETURN_NONE = 0
 MEMORY_OBJECT_RETURN_DIRTY = 1
 MEMORY_OBJECT_RETURN_ALL = 2
+
+# --- std_types.h, machine/vm_types.h: how wide each integer of the interface is ------------
+
+
+@dataclass(frozen=True)
+class IntegerType:
+    """A C integer type of the interface and the values it can hold.  A message field of this
+    type travels as a little-endian i64 (see `codec`), but only these values are valid: a
+    kern_return_t is a signed 32-bit int whatever the wire has room for.  Whatever brings an
+    integer in from outside (a console command, a line written to the mount, a frame from a
+    peer) checks it against its type where it enters."""
+
+    name: str
+    low: int
+    high: int
+
+    def __contains__(self, value: object) -> bool:
+        return isinstance(value, int) and self.low <= value <= self.high
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.low}..{self.high})"
+
+
+INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
+KERN_RETURN_T = IntegerType("kern_return_t", INT32_MIN, INT32_MAX)
+VM_PROT_T = IntegerType("vm_prot_t", INT32_MIN, INT32_MAX)
+MEMORY_OBJECT_COPY_STRATEGY_T = IntegerType("memory_object_copy_strategy_t", INT32_MIN, INT32_MAX)
+MEMORY_OBJECT_RETURN_T = IntegerType("memory_object_return_t", INT32_MIN, INT32_MAX)
+# vm_offset_t and vm_size_t are unsigned and as wide as an address (64 bits here); the wire
+# carries them as i64, so the top half of the range is not representable and never valid.
+VM_OFFSET_T = IntegerType("vm_offset_t", 0, (1 << 63) - 1)
+VM_SIZE_T = IntegerType("vm_size_t", 0, (1 << 63) - 1)
+NATURAL_T = IntegerType("natural_t", 0, (1 << 32) - 1)
 
 # --- port.h ----------------------------------------------------------------------------------
 

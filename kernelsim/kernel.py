@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 
 import trio
 
+from .codec import MAX_DATA
 from .interface import VM_INHERIT_COPY, VM_INHERIT_SHARE, KernInvalidArgument, KernResourceShortage
 from .ipc_port import SendRight, port_allocate
 from .memory_object import ControlServer, NotifyServer
@@ -28,6 +29,10 @@ from .vm_page import Page, ResidentMemory
 from .vm_pageout import make_room, pageout_daemon, send_return
 
 MIN_PAGE_SIZE = 4096
+MAX_PAGE_SIZE = 1 << 24
+MAX_MEMORY_PAGES = 1 << 32
+"""Limits of a kernel's configuration: a page must fit in a message with room for a cluster,
+and the page frame count is a natural_t."""
 READ_AHEAD_MIN_CLUSTER = 16
 """A kernel whose clusters are at least this many pages reads ahead by default: it is set up
 for bulk transfers.  With smaller clusters (1 page by default) each fault makes one request."""
@@ -63,6 +68,21 @@ class KernelStats:
         return {field.name: getattr(self, field.name) for field in fields(self)}
 
 
+def check_configuration(page_size: int, memory_pages: int, cluster_pages: int) -> None:
+    """KernInvalidArgument, naming the value, unless a kernel can be booted with these: the page
+    size a power of two from MIN_PAGE_SIZE, and a cluster of pages (what one data_request asks
+    for) small enough to travel in one message."""
+    if not MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE or page_size & (page_size - 1):
+        raise KernInvalidArgument(f"page size {page_size} must be a power of two from {MIN_PAGE_SIZE} to {MAX_PAGE_SIZE}", page_size=page_size)
+    if not 1 <= memory_pages <= MAX_MEMORY_PAGES:
+        raise KernInvalidArgument(f"memory limit {memory_pages} must be from 1 to {MAX_MEMORY_PAGES} pages", memory_pages=memory_pages)
+    if not 1 <= cluster_pages or cluster_pages * page_size > MAX_DATA:
+        raise KernInvalidArgument(
+            f"cluster of {cluster_pages} pages of {page_size} bytes: at least one page, at most {MAX_DATA} bytes (one message)",
+            cluster_pages=cluster_pages,
+        )
+
+
 class Kernel:
     def __init__(
         self,
@@ -74,12 +94,7 @@ class Kernel:
         pageout_cluster: int = 16,
         read_ahead: int | None = None,
     ) -> None:
-        if page_size < MIN_PAGE_SIZE or page_size & (page_size - 1):
-            raise KernInvalidArgument(f"page size {page_size} must be a power of two ≥ {MIN_PAGE_SIZE}", page_size=page_size)
-        if memory_pages < 1:
-            raise KernInvalidArgument(f"memory limit {memory_pages} must be at least one page", memory_pages=memory_pages)
-        if cluster_pages < 1:
-            raise KernInvalidArgument(f"cluster size {cluster_pages} must be at least one page", cluster_pages=cluster_pages)
+        check_configuration(page_size, memory_pages, cluster_pages)
         self.name = name
         self.page_size = page_size
         self.cluster_pages = cluster_pages

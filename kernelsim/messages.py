@@ -14,13 +14,37 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import typing
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
-from .interface import COPY_STRATEGY_NAMES, kern_return_name, prot_str
+from .interface import (
+    COPY_STRATEGY_NAMES,
+    KERN_RETURN_T,
+    MEMORY_OBJECT_COPY_STRATEGY_T,
+    MEMORY_OBJECT_RETURN_T,
+    NATURAL_T,
+    VM_OFFSET_T,
+    VM_PROT_T,
+    VM_SIZE_T,
+    IntegerType,
+    kern_return_name,
+    prot_str,
+)
 from .ipc_port import PortRight, ReceiveRight, SendOnceRight, SendRight
 
 MESSAGE_TYPES: dict[int, type[Message]] = {}
+
+# Each integer field is declared with its interface type, as in the .defs files: the type says
+# which values are valid (`interface.IntegerType`), and `codec` refuses any other.
+kern_return_t = Annotated[int, KERN_RETURN_T]
+vm_offset_t = Annotated[int, VM_OFFSET_T]
+vm_size_t = Annotated[int, VM_SIZE_T]
+vm_prot_t = Annotated[int, VM_PROT_T]
+memory_object_copy_strategy_t = Annotated[int, MEMORY_OBJECT_COPY_STRATEGY_T]
+memory_object_return_t = Annotated[int, MEMORY_OBJECT_RETURN_T]
+mach_port_mscount_t = Annotated[int, NATURAL_T]
+mach_port_name_t = Annotated[int, NATURAL_T]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +73,21 @@ class Message:
         """One line for a trace: `memory_object_data_request(control=17 offset=0x0 ...)`."""
         parts = [f"{name}={_show(name, getattr(self, name))}" for name in _field_names(type(self))]
         return f"{self.mach_name}({' '.join(parts)})"
+
+
+@functools.cache
+def integer_types(cls: type[Message]) -> dict[str, IntegerType]:
+    """The interface type of each integer field of a message kind, by field name."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    found = {}
+    for name in _field_names(cls):
+        hint = hints[name]
+        if typing.get_origin(hint) is Annotated:
+            base, *extras = typing.get_args(hint)
+            found.update({name: extra for extra in extras if base is int and isinstance(extra, IntegerType)})
+        elif hint is int:
+            raise TypeError(f"{cls.__name__}.{name}: an integer field needs its interface type (vm_offset_t, ...)")
+    return found
 
 
 @functools.cache
@@ -88,7 +127,7 @@ class MemoryObjectInit(Message):
     mach_name = "memory_object_init"
     control: SendRight
     name: SendRight
-    page_size: int
+    page_size: vm_size_t
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,8 +145,8 @@ class MemoryObjectCopy(Message):
     msg_id = 2202
     mach_name = "memory_object_copy"
     old_control: SendRight
-    offset: int
-    length: int
+    offset: vm_offset_t
+    length: vm_size_t
     new_object: ReceiveRight
 
 
@@ -116,9 +155,9 @@ class MemoryObjectDataRequest(Message):
     msg_id = 2203
     mach_name = "memory_object_data_request"
     control: SendRight
-    offset: int
-    length: int
-    desired_access: int
+    offset: vm_offset_t
+    length: vm_size_t
+    desired_access: vm_prot_t
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,9 +165,9 @@ class MemoryObjectDataUnlock(Message):
     msg_id = 2204
     mach_name = "memory_object_data_unlock"
     control: SendRight
-    offset: int
-    length: int
-    desired_access: int
+    offset: vm_offset_t
+    length: vm_size_t
+    desired_access: vm_prot_t
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,8 +177,8 @@ class MemoryObjectLockCompleted(Message):
     msg_id = 2206
     mach_name = "memory_object_lock_completed"
     control: SendRight
-    offset: int
-    length: int
+    offset: vm_offset_t
+    length: vm_size_t
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,10 +186,10 @@ class MemoryObjectSupplyCompleted(Message):
     msg_id = 2207
     mach_name = "memory_object_supply_completed"
     control: SendRight
-    offset: int
-    length: int
-    result: int
-    error_offset: int
+    offset: vm_offset_t
+    length: vm_size_t
+    result: kern_return_t
+    error_offset: vm_offset_t
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +197,7 @@ class MemoryObjectDataReturn(Message):
     msg_id = 2208
     mach_name = "memory_object_data_return"
     control: SendRight
-    offset: int
+    offset: vm_offset_t
     data: bytes
     dirty: bool
     kernel_copy: bool
@@ -171,7 +210,7 @@ class MemoryObjectChangeCompleted(Message):
     msg_id = 2209
     mach_name = "memory_object_change_completed"
     may_cache: bool
-    copy_strategy: int
+    copy_strategy: memory_object_copy_strategy_t
 
 
 # --- memory_object_default.defs: kernel → default memory manager -----------------------------
@@ -182,10 +221,10 @@ class MemoryObjectCreate(Message):
     msg_id = 2250
     mach_name = "memory_object_create"
     new_object: ReceiveRight
-    new_object_size: int
+    new_object_size: vm_size_t
     new_control: SendRight
     new_name: SendRight
-    new_page_size: int
+    new_page_size: vm_size_t
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +232,7 @@ class MemoryObjectDataInitialize(Message):
     msg_id = 2251
     mach_name = "memory_object_data_initialize"
     control: SendRight
-    offset: int
+    offset: vm_offset_t
     data: bytes
 
 
@@ -204,8 +243,8 @@ class MemoryObjectDataInitialize(Message):
 class MemoryObjectDataUnavailable(Message):
     msg_id = 2039
     mach_name = "memory_object_data_unavailable"
-    offset: int
-    size: int
+    offset: vm_offset_t
+    size: vm_size_t
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,21 +258,21 @@ class MemoryObjectGetAttributes(Message):
 class MemoryObjectGetAttributesReply(Message):
     msg_id = 2140
     mach_name = "memory_object_get_attributes_reply"
-    return_code: int
+    return_code: kern_return_t
     object_ready: bool
     may_cache: bool
-    copy_strategy: int
+    copy_strategy: memory_object_copy_strategy_t
 
 
 @dataclass(frozen=True, slots=True)
 class MemoryObjectLockRequest(Message):
     msg_id = 2044
     mach_name = "memory_object_lock_request"
-    offset: int
-    size: int
-    should_return: int
+    offset: vm_offset_t
+    size: vm_size_t
+    should_return: memory_object_return_t
     should_flush: bool
-    lock_value: int
+    lock_value: vm_prot_t
     reply_to: PortRight | None
 
 
@@ -241,25 +280,25 @@ class MemoryObjectLockRequest(Message):
 class MemoryObjectDataError(Message):
     msg_id = 2090
     mach_name = "memory_object_data_error"
-    offset: int
-    size: int
-    error_value: int
+    offset: vm_offset_t
+    size: vm_size_t
+    error_value: kern_return_t
 
 
 @dataclass(frozen=True, slots=True)
 class MemoryObjectDestroy(Message):
     msg_id = 2092
     mach_name = "memory_object_destroy"
-    reason: int
+    reason: kern_return_t
 
 
 @dataclass(frozen=True, slots=True)
 class MemoryObjectDataSupply(Message):
     msg_id = 2093
     mach_name = "memory_object_data_supply"
-    offset: int
+    offset: vm_offset_t
     data: bytes
-    lock_value: int
+    lock_value: vm_prot_t
     precious: bool
     reply_to: PortRight | None
 
@@ -269,7 +308,7 @@ class MemoryObjectReady(Message):
     msg_id = 2094
     mach_name = "memory_object_ready"
     may_cache: bool
-    copy_strategy: int
+    copy_strategy: memory_object_copy_strategy_t
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,7 +316,7 @@ class MemoryObjectChangeAttributes(Message):
     msg_id = 2095
     mach_name = "memory_object_change_attributes"
     may_cache: bool
-    copy_strategy: int
+    copy_strategy: memory_object_copy_strategy_t
     reply_to: PortRight | None
 
 
@@ -290,14 +329,14 @@ MACH_NOTIFY_FIRST = 0o100
 class MachNotifyNoSenders(Message):
     msg_id = MACH_NOTIFY_FIRST + 0o6
     mach_name = "mach_notify_no_senders"
-    mscount: int
+    mscount: mach_port_mscount_t
 
 
 @dataclass(frozen=True, slots=True)
 class MachNotifyDeadName(Message):
     msg_id = MACH_NOTIFY_FIRST + 0o10
     mach_name = "mach_notify_dead_name"
-    name: int
+    name: mach_port_name_t
 
 
 # --- netname.defs: finding a memory object by name --------------------------------------------
@@ -318,7 +357,7 @@ class NetnameLookUp(Message):
 class NetnameLookUpReply(Message):
     msg_id = 1141
     mach_name = "netname_look_up_reply"
-    return_code: int
+    return_code: kern_return_t
     port: SendRight | None
 
 

@@ -21,6 +21,7 @@ from .interface import (
     VM_PROT_DEFAULT,
     VM_PROT_READ,
     VM_PROT_WRITE,
+    VM_OFFSET_T,
     KernInvalidAddress,
     KernInvalidArgument,
     KernNoSpace,
@@ -149,6 +150,13 @@ class Task:
                 f"offset {offset:#x} is not a multiple of the page size {self.kernel.page_size}", offset=offset
             )
         size = self._round(size)
+        if offset + size > VM_OFFSET_T.high + 1:
+            # The object's pages past this have offsets no vm_offset_t in a message can carry.
+            raise KernInvalidArgument(
+                f"range [{offset:#x}, {offset + size:#x}) of a memory object: offsets end at {VM_OFFSET_T.high + 1:#x}",
+                offset=offset,
+                size=size,
+            )
         start = self._place(size, address, anywhere, mask)
         if memory_object is None:
             object = self.kernel.objects.allocate_internal(size)

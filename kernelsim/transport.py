@@ -287,6 +287,12 @@ class Connection:
             return "the peer closed the connection"
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
             return f"connection lost: {error}"
+        except Exception as error:
+            # A bug met while serving this peer's frame (here, or in what a port runs when a
+            # message is delivered to it) ends this connection, never the process and the
+            # other peers' sessions.  The traceback goes to the log: it is a bug to fix.
+            log.exception("%s: internal error", self)
+            return f"internal error: {error!r} (see the log)"
         return None
 
     def close(self, reason: str = "closed") -> None:

@@ -48,3 +48,27 @@ def mounted(tmp_path):
 
     with MountSession(tmp_path / "store", tmp_path / "mnt", ["k1:4096:256", "k2:16384:64"]) as session:
         yield session
+
+
+@pytest.fixture
+def process_mapped(tmp_path):
+    """A real mount listening for kernel processes, object `h` of 64 KiB, and kernel process k1
+    (`kernelsim run --connect`) mapping it, having written `kernel bytes` at +100 and returned
+    the page (`sync`); the mount, the daemon and k1 are ended by PID whatever happens.
+    Yields (session, k1, the object's directory in the mount)."""
+    import subprocess
+
+    from fusepager.session import KernelProcess, MountSession
+
+    with MountSession(tmp_path / "store", tmp_path / "mnt", []) as session:
+        obj = session.mountpoint / "objects" / "h"
+        subprocess.run(["mkdir", str(obj)], check=True)
+        subprocess.run(["truncate", "-s", "64K", str(obj / "data")], check=True)
+        k1 = KernelProcess(session.listen_address, "k1", workdir=tmp_path)
+        try:
+            k1.command("map h 64K")
+            k1.command("write h+100 kernel bytes")
+            k1.command("sync")
+            yield session, k1, obj
+        finally:
+            k1.close(timeout=10)

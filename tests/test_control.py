@@ -86,3 +86,37 @@ def test_ready_lines():
     for bad in ("may_cache=1\ncopy=call\n", "ready", "copy=everything", "may_cache=maybe"):
         with pytest.raises(ControlError):
             parse_ready(bad)
+
+
+@pytest.mark.parametrize("reason", [2**31, -(2**31) - 1, 2**63, 2**64, -(2**63), 10**30])
+def test_a_destroy_reason_is_a_kern_return_t(reason):
+    with pytest.raises(ControlError, match="out of range: a reason is a kern_return_t"):
+        parse_ctl(f"destroy {reason}")
+    assert parse_ctl("destroy 2147483647") == Destroy(2**31 - 1)
+    assert parse_ctl("destroy -2147483648") == Destroy(-(2**31))
+
+
+def test_ctl_lines_run_whole_and_a_write_is_all_or_nothing():
+    from fusepager.control import MAX_LINE, CtlLines
+
+    lines = CtlLines()
+    assert lines.take(b"sy") == [] and lines.pending
+    assert lines.take(b"nc\nflush 0 4K\nfl") == [("sync", Sync()), ("flush 0 4K", Flush(0, 4096))]
+    assert lines.take(b"ush\n\n") == [("flush", Flush())]
+    assert lines.take(b"clean") == [] and lines.rest() == [("clean", Clean())] and not lines.pending
+    with pytest.raises(ControlError, match="unknown command 'bogus'"):
+        lines.take(b"sync\nbogus\nflush\n")
+    with pytest.raises(ControlError, match="an earlier line on this open file was refused"):
+        lines.take(b"sync\n")
+    assert lines.rest() == []
+
+    fresh = CtlLines()
+    assert fresh.take(b"attributes copy=\xc3") == []  # half a character: may still be text
+    with pytest.raises(ControlError, match="not UTF-8"):
+        CtlLines().take(b"sync\xff")
+    with pytest.raises(ControlError, match="empty command"):
+        CtlLines().take(b"\n \n")
+    long = CtlLines()
+    assert long.take(b" " * MAX_LINE) == []
+    with pytest.raises(ControlError, match=f"longer than {MAX_LINE} bytes"):
+        long.take(b" ")

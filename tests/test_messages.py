@@ -86,11 +86,13 @@ def right_strategy(hint):
 
 def message_strategy(cls):
     hints = typing.get_type_hints(cls)
+    integers = m.integer_types(cls)
     fields = {}
     for field in dataclasses.fields(cls):
         hint = hints[field.name]
         if hint is int:
-            fields[field.name] = st.integers(-(2**63), 2**63 - 1)
+            kind = integers[field.name]
+            fields[field.name] = st.integers(kind.low, kind.high)
         elif hint is bool:
             fields[field.name] = st.booleans()
         elif hint is bytes:
@@ -157,6 +159,55 @@ def test_specific_malformations_are_refused_with_a_reason():
     huge = struct.pack("<I", 2251) + struct.pack("<BQ", 17, PORTS[0].name) + struct.pack("<q", 0) + struct.pack("<I", MAX_DATA + 1)
     with pytest.raises(MessageFormatError, match="exceeds"):
         decode(huge, table.right_for)
+
+
+def _with_integer(cls, field: str, value: int) -> m.Message:
+    """A message of kind `cls` whose integer `field` is `value`, its other fields valid."""
+    values = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        if name in ("msg_id", "mach_name"):
+            continue
+        if hint is int:
+            values[name] = value if name == field else 0
+        elif hint is bool:
+            values[name] = False
+        elif hint is bytes:
+            values[name] = b""
+        else:
+            values[name] = PORTS[0].make_send_once() if "SendOnce" in str(hint) else PORTS[0].make_send() if "Send" in str(hint) or "PortRight" in str(hint) else ReceiveRight(PORTS[0].port)
+    return cls(**values)
+
+
+INTEGER_FIELDS = [(cls, name) for cls in ALL_KINDS for name in m.integer_types(cls)]
+
+
+def test_every_integer_field_has_its_interface_type():
+    assert {kind.name for cls, name in INTEGER_FIELDS for kind in [m.integer_types(cls)[name]]} >= {"kern_return_t", "vm_offset_t", "vm_size_t", "vm_prot_t"}
+    assert m.integer_types(m.MemoryObjectDestroy)["reason"].high == 2**31 - 1
+    assert m.integer_types(m.MemoryObjectDataRequest)["offset"].low == 0
+
+
+@pytest.mark.parametrize(("cls", "field"), INTEGER_FIELDS, ids=[f"{cls.mach_name}.{name}" for cls, name in INTEGER_FIELDS])
+def test_an_integer_outside_its_type_is_refused_both_ways(cls, field):
+    """Issue 14: `destroy 9223372036854775808` became a struct.error in the sender.  A value
+    outside the field's type is a MessageFormatError on encode, and on decode when a peer
+    writes it (the i64 on the wire has room for values the type has not)."""
+    kind = m.integer_types(cls)[field]
+    table = NameTable()
+    for good in (kind.low, kind.high):
+        assert getattr(decode(encode(_with_integer(cls, field, good), table.name_of), table.right_for), field) == good
+    too_big = [kind.high + 1, 2**63, 2**64, 10**30]
+    for bad in [kind.low - 1, -(2**63) - 1, *too_big]:
+        with pytest.raises(MessageFormatError, match=f"{field}: {bad} is not a valid {kind.name}"):
+            encode(_with_integer(cls, field, bad), table.name_of)
+    # On the wire: the same message with the field's eight bytes replaced by an i64 outside.
+    for bad in [v for v in (kind.low - 1, kind.high + 1) if -(2**63) <= v < 2**63]:
+        marker = 0x5A5A5A5A
+        encoded = encode(_with_integer(cls, field, marker if marker in kind else kind.low), table.name_of)
+        packed = struct.pack("<q", marker if marker in kind else kind.low)
+        assert encoded.count(packed) == 1, "the field's bytes must be found once"
+        with pytest.raises(MessageFormatError, match=f"is not a valid {kind.name}"):
+            decode(encoded.replace(packed, struct.pack("<q", bad)), table.right_for)
 
 
 def test_describe_reads_like_the_mach_call():
