@@ -41,3 +41,50 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: s
 
 def trace_lines(mountpoint: Path) -> list[str]:
     return (mountpoint / "trace").read_text().splitlines()
+
+
+class SyscallWatch:
+    """`strace -f -y -e trace=SYSCALLS -p PID`: the system calls a running process (every
+    thread of it) makes, with the paths of their file descriptors.  Use as a context manager;
+    `lines()` is what strace logged so far.  strace is ended (by its PID) on leaving."""
+
+    def __init__(self, pid: int, syscalls: str, log: Path) -> None:
+        self.log = log
+        self._stderr = open(log.with_suffix(".stderr"), "w+")
+        self.process = subprocess.Popen(
+            ["strace", "-f", "-y", "-qq", "-e", f"trace={syscalls}", "-o", str(log), "-p", str(pid)],
+            stdout=subprocess.DEVNULL,
+            stderr=self._stderr,
+        )
+
+    def __enter__(self) -> SyscallWatch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()  # strace detaches and leaves the process running
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._stderr.close()
+
+    def lines(self) -> list[str]:
+        try:
+            return self.log.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+
+    def wait_for(self, text: str, poke, timeout: float = 30.0) -> None:
+        """Call `poke()` until strace has logged a call mentioning `text`: then strace is
+        attached and logging what the process does for us."""
+
+        def seen() -> bool:
+            if self.process.poll() is not None:
+                self._stderr.seek(0)
+                raise AssertionError(f"strace exited ({self.process.returncode}): {self._stderr.read()}")
+            poke()
+            return any(text in line for line in self.lines())
+
+        wait_until(seen, timeout=timeout, interval=0.1, what=f"strace to log a call on {text}")
