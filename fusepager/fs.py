@@ -239,8 +239,10 @@ class PagerFS(pyfuse3.Operations):
         return self._snapshots(node.object).get(node.file)
 
     def _exists(self, node: Node) -> bool:
-        if node.kind in ("root", "objects", "trace", "stats", "default"):
+        if node.kind in ("root", "objects", "stats", "default"):
             return True
+        if node.kind == "trace":  # trace, or trace.K while that older segment is kept
+            return not node.file or int(node.file) <= self.trace.older
         if node.kind in ("temporary", "tdata"):
             return self._temporary(node) is not None
         if node.kind == "snapshot":
@@ -260,7 +262,8 @@ class PagerFS(pyfuse3.Operations):
 
     def _children(self, node: Node) -> list[tuple[bytes, Node]]:
         if node.kind == "root":
-            return list(ROOT_CHILDREN.items())
+            older = [(f"trace.{back}".encode(), Node("trace", file=str(back))) for back in range(1, self.trace.older + 1)]
+            return list(ROOT_CHILDREN.items()) + older
         if node.kind == "default":
             return [(str(ident).encode(), Node("temporary", file=str(ident))) for ident in sorted(self.manager.default.temporaries)]
         if node.kind == "temporary":
@@ -295,6 +298,9 @@ class PagerFS(pyfuse3.Operations):
         """The node `name` in `parent` stands for if it exists (None: no such name can)."""
         kind = parent.kind
         if kind == "root":
+            if name.startswith(b"trace."):
+                back = _decimal(name[len(b"trace.") :])
+                return Node("trace", file=back) if back is not None and back != "0" else None
             return ROOT_CHILDREN.get(name)
         if kind == "default":
             ident = _decimal(name)
@@ -371,7 +377,7 @@ class PagerFS(pyfuse3.Operations):
             kind, thing = found
             return thing.length if kind == "call" else thing.size  # type: ignore[attr-defined]
         if node.kind == "trace":
-            return self.trace.end
+            return self.trace.size(self._trace_segment(node))
         return len(self._content(node))
 
     def _content(self, node: Node) -> bytes:
@@ -465,7 +471,7 @@ class PagerFS(pyfuse3.Operations):
         parts = {
             "root": "/",
             "objects": "/objects",
-            "trace": "/trace",
+            "trace": f"/trace.{node.file}" if node.file else "/trace",
             "stats": "/stats",
             "object": f"/objects/{display_name(node.object)}",
         }
@@ -574,7 +580,15 @@ class PagerFS(pyfuse3.Operations):
             # read(2) right after a kernel's change never sees the old bytes.
             return pyfuse3.FileInfo(fh=self._new_handle(handle), keep_cache=self._cache_is_valid(node), direct_io=direct)
         content = None if node.kind in ("trace", "tdata", "snapshot") or writable else self._content(node)
-        return pyfuse3.FileInfo(fh=self._new_handle(Handle(node, writable, content)), direct_io=True)
+        handle = Handle(node, writable, content)
+        if node.kind == "trace":
+            handle.extra.update(segment=self._trace_segment(node), shift=0, realigned=False)
+        return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True)
+
+    def _trace_segment(self, node: Node) -> int:
+        """The generation of the segment a trace file shows now: `trace` the current one,
+        `trace.K` the K-th before it."""
+        return self.trace.generation - int(node.file or 0)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext):
         parent = self._node(parent_inode)
@@ -597,7 +611,7 @@ class PagerFS(pyfuse3.Operations):
                 return self._store_call(stored.read, off, size)
             return await self._engine(node, pager.read_through(off, size, lambda: self._store_call(stored.read, off, size)))
         if node.kind == "trace":
-            return self.trace.read(off, size)
+            return self._read_trace(handle, off, size)
         if node.kind == "tdata":
             temporary = self._temporary(node)
             if temporary is None:
@@ -607,6 +621,42 @@ class PagerFS(pyfuse3.Operations):
             return await self._read_snapshot(node, off, size)
         content = handle.content or b""
         return content[off : off + size]
+
+    def _read_trace(self, handle: Handle, off: int, size: int) -> bytes:
+        """Bytes of a trace file for one open handle: the bytes at that offset of the segment
+        it shows, whole lines in order, never one twice, or nothing.
+
+        A read from offset 0 reads the segment the file shows now (`tail -f` does that when it
+        sees the file shrink at a rotation).  `trace.K` reads on in the segment it started even
+        once that moves on to `trace.K+1` (as an open file does after logrotate renamed it).
+        `trace` reads on in the current segment: a reader that was in the middle of a line of
+        the segment rotated away gets the rest of that line first; then the current segment,
+        from its first line at or after the reader's offset (a `tail -f` that did not look
+        while the new segment grew past its position, and so never saw it shrink, goes on
+        live; the lines it skipped are in `trace`, later `trace.1`).  `shift` is how far the
+        handle's offsets are behind the segment's after that."""
+        node = handle.node
+        trace = self.trace
+        if off == 0:
+            handle.extra.update(segment=self._trace_segment(node), shift=0, realigned=False)
+        segment, shift = handle.extra["segment"], handle.extra["shift"]
+        if node.file or segment == trace.generation:
+            data = trace.read(off + shift, size, segment)
+        else:
+            end = trace.line_end(off + shift, segment)
+            if end > off + shift:  # the rest of the line the reader is in
+                return trace.read(off + shift, min(size, end - off - shift), segment)
+            start = trace.line_start(off)
+            if start is None:
+                return b""  # no whole line there yet: the reader looks again
+            handle.extra.update(segment=trace.generation, shift=start - off, realigned=True)
+            data = trace.read(start, size)
+        if handle.extra["realigned"]:
+            # Its offsets are not the segment's: a read that ends where the file's size says
+            # (as tail's do) may end inside a line there.  Whole lines only, then; the reader
+            # asks again for the rest, and a line cut by the next rotation is not half shown.
+            data = data[: data.rfind(b"\n") + 1]
+        return data
 
     async def _read_snapshot(self, node: Node, off: int, size: int) -> bytes:
         """Byte for byte what the copy's task reads: its own pages (its kernel's changes brought

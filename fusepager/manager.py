@@ -29,6 +29,8 @@ from .trace import Stats, Trace
 
 log = logging.getLogger("fusepager.manager")
 
+TRACE_SYNC_INTERVAL = 1.0
+
 
 class StoreCallbacks(PagerCallbacks):
     """A pager's I/O on one object of the file store."""
@@ -119,8 +121,16 @@ class FileManager:
             self._nursery = nursery
             await nursery.start(self.default.run)
             nursery.start_soon(self._serve_names)
+            nursery.start_soon(self._sync_trace)
             task_status.started()
             await trio.sleep_forever()
+
+    async def _sync_trace(self) -> None:
+        """The trace's buffered lines reach its file within a second, read or not (`tail -F`
+        of the store's file, or a daemon that is killed, sees them)."""
+        while True:
+            await trio.sleep(TRACE_SYNC_INTERVAL)
+            self.trace.sync()
 
     async def _serve_names(self) -> None:
         async for received in self.name_service:
@@ -244,6 +254,7 @@ class FileManager:
             removed.close()
         self.default.close()
         self.name_service.destroy()
+        self.trace.close()
         self.store.close()
 
     def pager_for_port(self, port_name: int) -> Pager | None:

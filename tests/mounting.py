@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -88,3 +89,55 @@ class SyscallWatch:
             return any(text in line for line in self.lines())
 
         wait_until(seen, timeout=timeout, interval=0.1, what=f"strace to log a call on {text}")
+
+
+class TailFollow:
+    """A real GNU `tail -f` of a file (it polls: FUSE gives no inotify events), its output
+    lines and its stderr collected by threads.  Started once it has printed the file's last
+    line, so it is following when the constructor returns.  Use as a context manager: tail is
+    ended by its PID on leaving."""
+
+    def __init__(self, path: Path, *, interval: float = 0.1, timeout: float = 30.0) -> None:
+        self.path = path
+        self.process = subprocess.Popen(
+            ["tail", "-n", "1", "-s", str(interval), "-f", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.lines: list[str] = []
+        self.errors: list[str] = []
+        self._threads = [
+            threading.Thread(target=self._collect, args=(self.process.stdout, self.lines), daemon=True),
+            threading.Thread(target=self._collect, args=(self.process.stderr, self.errors), daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        try:
+            wait_until(lambda: self.lines, timeout=timeout, what=f"tail -f to print the last line of {path}")
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _collect(stream, into: list[str]) -> None:
+        for line in stream:
+            into.append(line.rstrip("\n"))
+
+    def __enter__(self) -> TailFollow:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def wait_for(self, text: str, timeout: float = 30.0) -> str:
+        """The first line tail printed that contains `text`, waiting for it."""
+
+        def found() -> str | None:
+            return next((line for line in list(self.lines) if text in line), None)
+
+        return wait_until(found, timeout=timeout, what=f"tail -f to print a line with {text!r}")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+        self.process.wait(timeout=30)
+        for thread in self._threads:
+            thread.join(timeout=10)
