@@ -611,7 +611,10 @@ class PagerFS(pyfuse3.Operations):
                 return self._store_call(stored.read, off, size)
             return await self._engine(node, pager.read_through(off, size, lambda: self._store_call(stored.read, off, size)))
         if node.kind == "trace":
-            return self._read_trace(handle, off, size)
+            try:
+                return self._read_trace(handle, off, size)
+            except OSError as error:  # the store's trace file cannot be read: say why
+                raise self._refuse(error.errno or errno.EIO, f"{self._path(node)}: {error}") from None
         if node.kind == "tdata":
             temporary = self._temporary(node)
             if temporary is None:

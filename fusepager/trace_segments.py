@@ -20,6 +20,7 @@ would cost more than the message.  Nothing is fsynced: the trace is a log, not d
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections import deque
@@ -104,6 +105,8 @@ class FileSegments:
         self.directory = os.fspath(directory)
         self.keep = keep
         self.generation = 0
+        if os.path.lexists(self.directory) and not os.path.isdir(self.directory):
+            raise NotADirectoryError(errno.ENOTDIR, "it is there but is not a directory", self.directory)
         os.makedirs(self.directory, mode=0o755, exist_ok=True)
         self._fd: int | None = None
         self._written = 0  # bytes of the current segment in its file ...
@@ -123,7 +126,8 @@ class FileSegments:
 
     def _open(self) -> None:
         # O_APPEND: every write lands at the end; pread still reads anywhere.
-        self._fd = os.open(self._path(0), os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        # O_NOFOLLOW: a symlink planted in the store must not lead the trace elsewhere.
+        self._fd = os.open(self._path(0), os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         self._written = os.fstat(self._fd).st_size
 
     def current_size(self) -> int:
@@ -212,9 +216,9 @@ class FileSegments:
         if not 0 < back <= self.older:
             return b""
         try:
-            fd = os.open(self._path(back), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self._path(back), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
-            return b""
+            return b""  # deleted from the store behind our back: nothing there
         try:
             if offset >= os.fstat(fd).st_size:
                 return b""
