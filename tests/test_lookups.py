@@ -48,11 +48,12 @@ def test_a_lookup_among_20000_objects_lists_no_directory(tmp_path):
             # Until strace logs the daemon checking o00017, it is not watching yet.
             watch.wait_for("o00017", lambda: os.stat(mnt / "objects" / "o00017"))
             start = len(watch.lines())
-            # What a user does with one object: look it up, read it, stat it; make another.
+            # What a user does with one object: look it up, read it, stat it; make one, remove one.
             assert sh(f"cat {mnt}/objects/o12345/data").stdout == "object 12345\n"
             assert sh(f"stat -c %s {mnt}/objects/o12345/data").stdout == "13\n"
             sh(f"test -d {mnt}/objects/o19999 && ! test -e {mnt}/objects/o20000")
             sh(f"mkdir {mnt}/objects/new && test -f {mnt}/objects/new/data")
+            sh(f"mkdir {mnt}/objects/gone && rmdir {mnt}/objects/gone && ! test -e {mnt}/objects/gone")
             # A marker after them: once strace has logged it, it has logged them all.
             watch.wait_for("o00018", lambda: os.stat(mnt / "objects" / "o00018"))
             during = watch.lines()[start:]
