@@ -14,7 +14,11 @@ from kernelsim import __version__
 
 from kernelsim.transport import Address
 
+from .control import ControlError, parse_number
 from .mount import KernelSpec, MountError, daemon_log_path, default_listen, mount_state, serve, unmount
+from .trace import TRACE_KEEP, TRACE_SEGMENT
+
+MAX_TRACE_KEEP = 1000
 
 DESCRIPTION = """\
 fusepager: external memory managers that keep their pages in real files and show them, and the
@@ -45,7 +49,9 @@ examples:
 MOUNT_EPILOG = """\
 The store is a plain directory: STORE/objects/NAME/data holds each object's bytes as a sparse
 file, meta.json beside it its attributes.  A pager restarted on the same store serves the same
-bytes.  In the background the daemon logs to STORE/fusepager.log.
+bytes.  In the background the daemon logs to STORE/fusepager.log.  The message log (MNT/trace)
+is kept in STORE/trace/trace, rotated at --trace-size into trace.1 ... trace.N (also MNT/trace.1
+...); each mount starts a new segment.
 
 Kernel console commands (with --console; prefix each with the kernel's name when there are
 several): map NAME SIZE, read WHERE LEN [text], write WHERE TEXT, unmap WHERE, region WHERE,
@@ -101,6 +107,8 @@ def _mount(args: argparse.Namespace) -> int:
                 default_manager=args.default_manager,
                 listen=listen,
                 on_ready=ready,
+                trace_size=args.trace_size,
+                trace_keep=args.trace_keep,
             )
         )
     except KeyboardInterrupt:
@@ -114,6 +122,26 @@ def _mount(args: argparse.Namespace) -> int:
         print(f"fusepager mount: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _trace_size(text: str) -> int:
+    try:
+        size = parse_number(text, "trace size")
+    except ControlError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"trace size {text!r}: a segment holds at least a byte")
+    return size
+
+
+def _trace_keep(text: str) -> int:
+    try:
+        keep = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of segments") from None
+    if not 0 <= keep <= MAX_TRACE_KEEP:
+        raise argparse.ArgumentTypeError(f"{text!r}: keep 0 to {MAX_TRACE_KEEP} older segments")
+    return keep
 
 
 def _mount_error(error: BaseException) -> MountError | None:
@@ -140,6 +168,7 @@ def _daemonize(args: argparse.Namespace) -> int:
         command.append("--no-default-manager")
     if args.listen:
         command += ["--listen", args.listen]
+    command += ["--trace-size", str(args.trace_size), "--trace-keep", str(args.trace_keep)]
     log_path = daemon_log_path(args.store)
     with open(log_path, "ab") as log_file:
         child = subprocess.Popen(
@@ -326,6 +355,20 @@ def main(argv: list[str] | None = None) -> int:
         dest="default_manager",
         action="store_false",
         help="do not be the in-process kernels' default memory manager (their anonymous memory then cannot be paged out)",
+    )
+    mount.add_argument(
+        "--trace-size",
+        type=_trace_size,
+        default=TRACE_SEGMENT,
+        metavar="BYTES",
+        help=f"rotate the trace (STORE/trace/trace, MNT/trace) when it would pass BYTES (K, M, G suffixes; default {TRACE_SEGMENT >> 20}M)",
+    )
+    mount.add_argument(
+        "--trace-keep",
+        type=_trace_keep,
+        default=TRACE_KEEP,
+        metavar="N",
+        help=f"older trace segments kept, trace.1 ... trace.N, in the store and the mount (default {TRACE_KEEP})",
     )
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     mount.set_defaults(run=_mount)

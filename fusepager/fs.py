@@ -85,6 +85,17 @@ class Node:
     file: str = ""
 
 
+ROOT_CHILDREN = {b"objects": Node("objects"), b"default": Node("default"), b"trace": Node("trace"), b"stats": Node("stats")}
+
+
+def _decimal(name: bytes) -> str | None:
+    """`name` as the text of a number the way the mount lists it (ASCII digits, no leading
+    zero), or None: `01` and `١` name nothing."""
+    if not name.isdigit() or (name.startswith(b"0") and name != b"0"):
+        return None  # bytes.isdigit is ASCII only
+    return name.decode("ascii")
+
+
 @dataclass
 class Handle:
     node: Node
@@ -230,8 +241,10 @@ class PagerFS(pyfuse3.Operations):
         return self._snapshots(node.object).get(node.file)
 
     def _exists(self, node: Node) -> bool:
-        if node.kind in ("root", "objects", "trace", "stats", "default"):
+        if node.kind in ("root", "objects", "stats", "default"):
             return True
+        if node.kind == "trace":  # trace, or trace.K while that older segment is kept
+            return not node.file or int(node.file) <= self.trace.older
         if node.kind in ("temporary", "tdata"):
             return self._temporary(node) is not None
         if node.kind == "snapshot":
@@ -251,7 +264,8 @@ class PagerFS(pyfuse3.Operations):
 
     def _children(self, node: Node) -> list[tuple[bytes, Node]]:
         if node.kind == "root":
-            return [(b"objects", Node("objects")), (b"default", Node("default")), (b"trace", Node("trace")), (b"stats", Node("stats"))]
+            older = [(f"trace.{back}".encode(), Node("trace", file=str(back))) for back in range(1, self.trace.older + 1)]
+            return list(ROOT_CHILDREN.items()) + older
         if node.kind == "default":
             return [(str(ident).encode(), Node("temporary", file=str(ident))) for ident in sorted(self.manager.default.temporaries)]
         if node.kind == "temporary":
@@ -273,12 +287,49 @@ class PagerFS(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENOTDIR)
 
     def _child(self, parent: Node, name: bytes) -> Node:
+        """The child `name` of directory `parent`, found without listing the directory: a
+        lookup costs the same with 10 objects as with 100,000 (only readdir lists)."""
         if name == b".":
             return parent
-        for child_name, child in self._children(parent):
-            if child_name == name:
-                return child
-        raise pyfuse3.FUSEError(errno.ENOENT)
+        child = self._named_child(parent, name)
+        if child is None or not self._exists(child):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return child
+
+    def _named_child(self, parent: Node, name: bytes) -> Node | None:
+        """The node `name` in `parent` stands for if it exists (None: no such name can)."""
+        kind = parent.kind
+        if kind == "root":
+            if name.startswith(b"trace."):
+                back = _decimal(name[len(b"trace.") :])
+                return Node("trace", file=back) if back is not None and back != "0" else None
+            return ROOT_CHILDREN.get(name)
+        if kind == "default":
+            ident = _decimal(name)
+            return Node("temporary", file=ident) if ident is not None else None
+        if kind == "temporary":
+            return Node("tdata", file=parent.file) if name == b"data" else None
+        if kind == "objects":
+            try:
+                validate_name(name)
+            except StoreError:
+                return None  # a name no object can have: it is not there
+            return Node("object", name)
+        if kind == "object":
+            file = name.decode("ascii", "replace")
+            return Node(file, parent.object) if file in OBJECT_FILES else None
+        if kind == "kernels":
+            try:
+                return Node("kernel", parent.object, name.decode("utf-8"))
+            except UnicodeDecodeError:
+                return None  # kernel labels are text
+        if kind == "kernel":
+            file = name.decode("ascii", "replace")
+            return Node("kfile", parent.object, parent.kernel, file) if file in KERNEL_FILES else None
+        if kind == "snapshots":
+            ident = _decimal(name)
+            return Node("snapshot", parent.object, file=ident) if ident is not None else None
+        raise pyfuse3.FUSEError(errno.ENOTDIR)
 
     def _refuse(self, code: int, why: str) -> pyfuse3.FUSEError:
         """The errno to answer, after a line in trace saying why."""
@@ -328,7 +379,7 @@ class PagerFS(pyfuse3.Operations):
             kind, thing = found
             return thing.length if kind == "call" else thing.size  # type: ignore[attr-defined]
         if node.kind == "trace":
-            return self.trace.end
+            return self.trace.size(self._trace_segment(node))
         return len(self._content(node))
 
     def _content(self, node: Node) -> bytes:
@@ -357,7 +408,7 @@ class PagerFS(pyfuse3.Operations):
     def _stats(self) -> str:
         pagers = self.manager.pagers.values()
         extra = {
-            "objects": len(self.manager.store.names()),
+            "objects": self.manager.store.count(),
             "active_pagers": len(self.manager.pagers),
             "kernels": sum(len(p.kernels) for p in pagers),
         }
@@ -430,7 +481,7 @@ class PagerFS(pyfuse3.Operations):
         parts = {
             "root": "/",
             "objects": "/objects",
-            "trace": "/trace",
+            "trace": f"/trace.{node.file}" if node.file else "/trace",
             "stats": "/stats",
             "object": f"/objects/{display_name(node.object)}",
         }
@@ -451,14 +502,20 @@ class PagerFS(pyfuse3.Operations):
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self._node(inode)
-        self._children(node)  # ENOTDIR for files
+        if node.kind not in DIRECTORIES:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
         return self._new_handle(Handle(node, writable=False))
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        node = self._handles[fh].node
+        handle = self._handles[fh]
+        node = handle.node
         if not self._exists(node):
             return
-        children = self._children(node)
+        # One listing per pass over the directory, not one per reply buffer: a directory of
+        # 100,000 objects takes many readdir calls, each continuing where the last stopped.
+        children = handle.extra.get("children")
+        if children is None or start_id == 0:
+            children = handle.extra["children"] = self._children(node)
         for index in range(start_id, len(children)):
             name, child = children[index]
             if not pyfuse3.readdir_reply(token, name, self._attributes(child), index + 1):
@@ -534,7 +591,15 @@ class PagerFS(pyfuse3.Operations):
             # The object this ctl belongs to (a removed and re-made one is another), and the
             # lines written to it that wait for their end.
             extra = {"stored": self._store_call(self.manager.store.open, node.object), "lines": control.CtlLines()}
-        return pyfuse3.FileInfo(fh=self._new_handle(Handle(node, writable, content, extra)), direct_io=True)
+        handle = Handle(node, writable, content, extra)
+        if node.kind == "trace":
+            handle.extra.update(segment=self._trace_segment(node), shift=0, realigned=False)
+        return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True)
+
+    def _trace_segment(self, node: Node) -> int:
+        """The generation of the segment a trace file shows now: `trace` the current one,
+        `trace.K` the K-th before it."""
+        return self.trace.generation - int(node.file or 0)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext):
         parent = self._node(parent_inode)
@@ -565,7 +630,10 @@ class PagerFS(pyfuse3.Operations):
                 return read_store()
             return await self._engine(node, pager.read_through(off, size, read_store))
         if node.kind == "trace":
-            return self.trace.read(off, size)
+            try:
+                return self._read_trace(handle, off, size)
+            except OSError as error:  # the store's trace file cannot be read: say why
+                raise self._refuse(error.errno or errno.EIO, f"{self._path(node)}: {error}") from None
         if node.kind == "tdata":
             temporary = self._temporary(node)
             if temporary is None:
@@ -575,6 +643,42 @@ class PagerFS(pyfuse3.Operations):
             return await self._read_snapshot(node, off, size)
         content = handle.content or b""
         return content[off : off + size]
+
+    def _read_trace(self, handle: Handle, off: int, size: int) -> bytes:
+        """Bytes of a trace file for one open handle: the bytes at that offset of the segment
+        it shows, whole lines in order, never one twice, or nothing.
+
+        A read from offset 0 reads the segment the file shows now (`tail -f` does that when it
+        sees the file shrink at a rotation).  `trace.K` reads on in the segment it started even
+        once that moves on to `trace.K+1` (as an open file does after logrotate renamed it).
+        `trace` reads on in the current segment: a reader that was in the middle of a line of
+        the segment rotated away gets the rest of that line first; then the current segment,
+        from its first line at or after the reader's offset (a `tail -f` that did not look
+        while the new segment grew past its position, and so never saw it shrink, goes on
+        live; the lines it skipped are in `trace`, later `trace.1`).  `shift` is how far the
+        handle's offsets are behind the segment's after that."""
+        node = handle.node
+        trace = self.trace
+        if off == 0:
+            handle.extra.update(segment=self._trace_segment(node), shift=0, realigned=False)
+        segment, shift = handle.extra["segment"], handle.extra["shift"]
+        if node.file or segment == trace.generation:
+            data = trace.read(off + shift, size, segment)
+        else:
+            end = trace.line_end(off + shift, segment)
+            if end > off + shift:  # the rest of the line the reader is in
+                return trace.read(off + shift, min(size, end - off - shift), segment)
+            start = trace.line_start(off)
+            if start is None:
+                return b""  # no whole line there yet: the reader looks again
+            handle.extra.update(segment=trace.generation, shift=start - off, realigned=True)
+            data = trace.read(start, size)
+        if handle.extra["realigned"]:
+            # Its offsets are not the segment's: a read that ends where the file's size says
+            # (as tail's do) may end inside a line there.  Whole lines only, then; the reader
+            # asks again for the rest, and a line cut by the next rotation is not half shown.
+            data = data[: data.rfind(b"\n") + 1]
+        return data
 
     async def _read_snapshot(self, node: Node, off: int, size: int) -> bytes:
         """Byte for byte what the copy's task reads: its own pages (its kernel's changes brought

@@ -24,10 +24,13 @@ from .copies import CopyStore
 from .default_pager import DefaultManager
 from .outside import OutsideCopies
 from .pager import Pager, PagerCallbacks, PagerError
+from .removed import RemovedObject
 from .store import FileStore, ObjectMeta, StoredObject, StoreError
 from .trace import Stats, Trace
 
 log = logging.getLogger("fusepager.manager")
+
+TRACE_SYNC_INTERVAL = 1.0
 
 
 class StoreCallbacks(PagerCallbacks):
@@ -107,6 +110,7 @@ class FileManager:
         # Kernels in other processes find objects by name here (netname_look_up).
         self.name_service = port_allocate("fusepager name service")
         self.connections: set = set()  # kernels in other processes (transport.Connection)
+        self.removed: set[RemovedObject] = set()  # removed objects' ports kernels may hold
         self._nursery: trio.Nursery | None = None
         # Told when kernels change an object's bytes in the store or gain the right to: the
         # mount drops Linux's cached copy of its `data` file.
@@ -121,8 +125,16 @@ class FileManager:
             self._nursery = nursery
             await nursery.start(self.default.run)
             nursery.start_soon(self._serve_names)
+            nursery.start_soon(self._sync_trace)
             task_status.started()
             await trio.sleep_forever()
+
+    async def _sync_trace(self) -> None:
+        """The trace's buffered lines reach its file within a second, read or not (`tail -F`
+        of the store's file, or a daemon that is killed, sees them)."""
+        while True:
+            await trio.sleep(TRACE_SYNC_INTERVAL)
+            self.trace.sync()
 
     async def _serve_names(self) -> None:
         async for received in self.name_service:
@@ -208,14 +220,21 @@ class FileManager:
         self.trace.line(f"manager created object {display_name(name)}")
 
     def remove(self, name: bytes) -> None:
-        """Remove an object no kernel maps; StoreError EBUSY if one does."""
+        """Remove an object no kernel has initialised (memory_object_init, and no terminate
+        since); StoreError EBUSY if one has.  A kernel that mapped it but has not faulted yet
+        has not: its first fault hears memory_object_destroy (fusepager.removed)."""
         pager = self.pagers.get(name)
         if pager is not None and pager.kernels:
-            raise StoreError(errno.EBUSY, f"object {display_name(name)} is mapped by {', '.join(r.label for r in pager.kernels.values())}")
+            labels = ", ".join(sorted(r.label for r in pager.kernels.values()))
+            raise StoreError(
+                errno.EBUSY,
+                f"object {display_name(name)} is in use by {labels} (initialised, not terminated): "
+                f"unmap it there, or have its kernels let go with: echo destroy > objects/{display_name(name)}/ctl",
+            )
+        self.store.remove(name)
         if pager is not None:
             self.pagers.pop(name)
-            pager.port.destroy()
-        self.store.remove(name)
+            RemovedObject(pager, self.trace, self.stats, self.removed)
         self.trace.line(f"manager removed object {display_name(name)}")
 
     async def set_attributes(self, name: bytes, may_cache: bool | None, copy_strategy: int | None) -> None:
@@ -252,8 +271,11 @@ class FileManager:
                 pager._copy_ended(copy)
             pager.port.destroy()
         self.pagers.clear()
+        for removed in list(self.removed):
+            removed.close()
         self.default.close()
         self.name_service.destroy()
+        self.trace.close()
         self.store.close()
 
     def pager_for_port(self, port_name: int) -> Pager | None:

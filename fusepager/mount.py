@@ -31,6 +31,7 @@ from kernelsim.transport import UNIX_PATH_MAX, Address, Connection
 from .fs import PagerFS
 from .manager import FileManager
 from .store import FileStore, StoreError
+from .trace import TRACE_KEEP, TRACE_SEGMENT, Trace
 
 log = logging.getLogger("fusepager.mount")
 
@@ -205,6 +206,8 @@ async def serve(
     default_manager: bool = True,
     listen: Address | None = None,
     on_ready=None,
+    trace_size: int = TRACE_SEGMENT,
+    trace_keep: int = TRACE_KEEP,
 ) -> None:
     """Mount, serve until unmounted or signalled, then shut down in order."""
     check_mountpoint(mountpoint)
@@ -220,7 +223,14 @@ async def serve(
         except OSError as error:
             store.close()
             raise MountError(f"cannot listen on {listen}: {error.strerror or error}") from None
-    manager = FileManager(store)
+    try:
+        # The trace lives in the store (STORE/trace/trace, trace.1, ...): the mount shows it.
+        trace = Trace(Path(store_path) / "trace", segment_size=trace_size, keep=trace_keep)
+    except (OSError, ValueError) as error:
+        _close_listeners(listeners, listen)
+        store.close()
+        raise MountError(f"store {store_path}: cannot keep the trace in {Path(store_path) / 'trace'}: {error}") from None
+    manager = FileManager(store, trace)
     operations = PagerFS(manager)
     options = set(pyfuse3.default_options) | {"fsname=fusepager", "subtype=fusepager"} | (fuse_options or set())
     if debug:

@@ -276,6 +276,8 @@ class Pager:
         self._notify: ReceiveRight | None = None
         # Called when the last kernel goes (a copy's pager ends with its copy).
         self.on_end: Callable[[], None] | None = None
+        # Set once the object is removed: then it answers every message (fusepager.removed).
+        self.on_removed: Callable[[m.Message], None] | None = None
         self.kernels: dict[int, KernelRecord] = {}
         self.sequencer = RangeSequencer()
         # Grants (to kernels, and to the mount's reads and writes) on overlapping ranges happen
@@ -335,6 +337,9 @@ class Pager:
         record = self.kernels.get(control.name) if control is not None else None
         source = record.label if record is not None else getattr(control, "host", "") or "?"
         self.trace.message(source, self.name, message)
+        if self.on_removed is not None:
+            self.on_removed(message)
+            return
         handler_name = _HANDLERS.get(type(message))
         if handler_name is None:
             self._refuse(f"{message.mach_name} is not served by this pager")

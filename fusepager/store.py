@@ -419,6 +419,7 @@ class FileStore:
         for entry in os.listdir(self.tmp_dir):
             _remove_tree(os.path.join(self.tmp_dir, entry))
         self._open: dict[bytes, StoredObject] = {}
+        self._count: int | None = None  # objects, once counted (count())
 
     def __enter__(self) -> FileStore:
         return self
@@ -444,7 +445,16 @@ class FileStore:
     def names(self) -> list[bytes]:
         """The objects' names, sorted; stray entries that are not objects are skipped."""
         entries = os.listdir(self.objects_dir)
-        return sorted(e for e in entries if _is_object_dir(os.path.join(self.objects_dir, e)))
+        names = sorted(e for e in entries if _is_object_dir(os.path.join(self.objects_dir, e)))
+        self._count = len(names)
+        return names
+
+    def count(self) -> int:
+        """How many objects there are: counted at the first call, kept up to date by create
+        and remove since (the store has one owner), so asking again lists nothing."""
+        if self._count is None:
+            self._count = len(self.names())
+        return self._count
 
     def exists(self, name: bytes) -> bool:
         return _is_object_dir(self._object_path(name))
@@ -473,6 +483,8 @@ class FileStore:
                 if error.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
                     raise
                 raise self._already_exists(name) from None
+            if self._count is not None:
+                self._count += 1
         except BaseException:
             _remove_tree(staging)
             raise
@@ -499,6 +511,8 @@ class FileStore:
         # Renamed out of objects/ first, so a crash never leaves half an object under its name.
         graveyard = self._tmp_path(b"remove")
         os.rename(path, graveyard)
+        if self._count is not None:
+            self._count -= 1
         _fsync_dir(self.objects_dir)
         stored = self._open.pop(name, None)
         if stored is not None:

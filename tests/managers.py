@@ -12,6 +12,7 @@ from collections.abc import Callable
 import trio
 
 from kernelsim import ReceivedMessage, calls, port_allocate
+from kernelsim.ipc_port import ReceiveRight
 from kernelsim import messages as m
 from kernelsim.interface import MEMORY_OBJECT_COPY_DELAY, VM_PROT_NONE
 
@@ -21,8 +22,9 @@ WAIT = 5.0  # seconds a test waits for a message before failing instead of hangi
 class TestManager:
     __test__ = False  # not a test class for pytest
 
-    def __init__(self, size: int = 1 << 20, label: str = "object", *, auto_ready: bool = True) -> None:
-        self.port = port_allocate(label)
+    def __init__(self, size: int = 1 << 20, label: str = "object", *, auto_ready: bool = True, port: ReceiveRight | None = None) -> None:
+        """`port`: serve this receive right (a copy object a kernel made, say) instead of a new port."""
+        self.port = port if port is not None else port_allocate(label)
         self.backing = bytearray(size)
         self.auto_ready = auto_ready
         self.may_cache = False
@@ -32,6 +34,8 @@ class TestManager:
         self.received: list[ReceivedMessage] = []
         self.on_request: Callable[[m.MemoryObjectDataRequest], None] | None = None
         self.on_unlock: Callable[[m.MemoryObjectDataUnlock], None] | None = None
+        # memory_object_copy (COPY_CALL): without a handler the message is only recorded.
+        self.on_copy: Callable[[m.MemoryObjectCopy], None] | None = None
         self._changed = trio.lowlevel.ParkingLot()
 
     def send_right(self):
@@ -81,6 +85,9 @@ class TestManager:
                 self.on_unlock(message)
         elif isinstance(message, m.MemoryObjectDataReturn):
             self.backing[message.offset : message.offset + len(message.data)] = message.data
+        elif isinstance(message, m.MemoryObjectCopy):
+            if self.on_copy is not None:
+                self.on_copy(message)
         elif isinstance(message, m.MemoryObjectTerminate):
             message.control.destroy()
             message.name.destroy()

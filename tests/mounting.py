@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -41,3 +42,102 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: s
 
 def trace_lines(mountpoint: Path) -> list[str]:
     return (mountpoint / "trace").read_text().splitlines()
+
+
+class SyscallWatch:
+    """`strace -f -y -e trace=SYSCALLS -p PID`: the system calls a running process (every
+    thread of it) makes, with the paths of their file descriptors.  Use as a context manager;
+    `lines()` is what strace logged so far.  strace is ended (by its PID) on leaving."""
+
+    def __init__(self, pid: int, syscalls: str, log: Path) -> None:
+        self.log = log
+        self._stderr = open(log.with_suffix(".stderr"), "w+")
+        self.process = subprocess.Popen(
+            ["strace", "-f", "-y", "-qq", "-e", f"trace={syscalls}", "-o", str(log), "-p", str(pid)],
+            stdout=subprocess.DEVNULL,
+            stderr=self._stderr,
+        )
+
+    def __enter__(self) -> SyscallWatch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()  # strace detaches and leaves the process running
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._stderr.close()
+
+    def lines(self) -> list[str]:
+        try:
+            return self.log.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+
+    def wait_for(self, text: str, poke, timeout: float = 30.0) -> None:
+        """Call `poke()` until strace has logged a call mentioning `text`: then strace is
+        attached and logging what the process does for us."""
+
+        def seen() -> bool:
+            if self.process.poll() is not None:
+                self._stderr.seek(0)
+                raise AssertionError(f"strace exited ({self.process.returncode}): {self._stderr.read()}")
+            poke()
+            return any(text in line for line in self.lines())
+
+        wait_until(seen, timeout=timeout, interval=0.1, what=f"strace to log a call on {text}")
+
+
+class TailFollow:
+    """A real GNU `tail -f` of a file (it polls: FUSE gives no inotify events), its output
+    lines and its stderr collected by threads.  Started once it has printed the file's last
+    line, so it is following when the constructor returns.  Use as a context manager: tail is
+    ended by its PID on leaving."""
+
+    def __init__(self, path: Path, *, interval: float = 0.1, timeout: float = 30.0) -> None:
+        self.path = path
+        self.process = subprocess.Popen(
+            ["tail", "-n", "1", "-s", str(interval), "-f", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.lines: list[str] = []
+        self.errors: list[str] = []
+        self._threads = [
+            threading.Thread(target=self._collect, args=(self.process.stdout, self.lines), daemon=True),
+            threading.Thread(target=self._collect, args=(self.process.stderr, self.errors), daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        try:
+            wait_until(lambda: self.lines, timeout=timeout, what=f"tail -f to print the last line of {path}")
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _collect(stream, into: list[str]) -> None:
+        for line in stream:
+            into.append(line.rstrip("\n"))
+
+    def __enter__(self) -> TailFollow:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def wait_for(self, text: str, timeout: float = 30.0) -> str:
+        """The first line tail printed that contains `text`, waiting for it."""
+
+        def found() -> str | None:
+            return next((line for line in list(self.lines) if text in line), None)
+
+        return wait_until(found, timeout=timeout, what=f"tail -f to print a line with {text!r}")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+        self.process.wait(timeout=30)
+        for thread in self._threads:
+            thread.join(timeout=10)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import time
 
 import pytest
 
 from fusepager.session import SessionError
-from mounting import fails_with, sh, trace_lines, wait_until
+from mounting import TailFollow, fails_with, sh, trace_lines, wait_until
 
 
 def new_object(mnt, name="hello", size="64K"):
@@ -230,23 +228,13 @@ def test_rmdir_of_an_unmapped_object_removes_it_from_the_store(mounted):
 def test_tail_f_of_trace_shows_messages_as_they_happen(mounted):
     mnt = mounted.mountpoint
     new_object(mnt)
-    tail = subprocess.Popen(["tail", "-n", "0", "-f", str(mnt / "trace")], stdout=subprocess.PIPE, text=True)
-    try:
-        time.sleep(0.5)
+    # TailFollow returns once tail has printed the trace's last line: it is following.
+    with TailFollow(mnt / "trace") as tail:
         mounted.command("k1 map hello 64K")
         mounted.command("k1 read hello 1")
-        seen = []
-
-        def saw_supply():
-            line = tail.stdout.readline()
-            seen.append(line)
-            return "memory_object_data_supply" in line or "memory_object_data_unavailable" in line
-
-        wait_until(saw_supply, timeout=20, what="tail -f to show the answer")
-        assert any("memory_object_init" in line for line in seen)
-    finally:
-        tail.kill()
-        tail.wait()
+        answer = tail.wait_for("-> k1 memory_object_data_", timeout=20)
+        assert "memory_object_data_supply" in answer or "memory_object_data_unavailable" in answer
+        assert any("memory_object_init" in line for line in tail.lines)
 
 
 def test_stats_count_the_messages(mounted):

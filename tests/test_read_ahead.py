@@ -3,6 +3,7 @@ ahead of a sequential reader): with pageout under tight memory, locks, copies ma
 in flight, data_error on a read-ahead cluster, manager death, and concurrent readers and writers."""
 from __future__ import annotations
 import random
+from collections import Counter
 
 import pytest, trio, trio.testing
 import kernelsim
@@ -87,6 +88,9 @@ async def test_write_locked_supplies_and_unlocks():
 
 @pytest.mark.parametrize("strategy", [MEMORY_OBJECT_COPY_DELAY, MEMORY_OBJECT_COPY_CALL, MEMORY_OBJECT_COPY_NONE])
 async def test_copy_while_read_ahead_in_flight(strategy):
+    """A copy (vm_map with copy) is made while a cluster and its read-ahead are on their way;
+    then the original is written.  Under every strategy the copy reads what the object held
+    at copy time, byte for byte, and the original its new bytes."""
     pages = 8 * C
     manager = pattern_manager(pages)
     manager.copy_strategy = strategy
@@ -99,7 +103,18 @@ async def test_copy_while_read_ahead_in_flight(strategy):
             calls.memory_object_data_supply(msg.control, msg.offset, manager.pattern(msg.offset, msg.length))
     manager.on_request = on_request
     original = bytes(manager.backing)
+    copies = []
     async with trio.open_nursery() as nursery:
+        def on_copy(msg):
+            # COPY_CALL: the manager serves the new object with the range's bytes as they are
+            # now (no kernel has changed them: nothing was written yet).
+            copy = TestManager(size=msg.length, port=msg.new_object)
+            copy.backing[:] = manager.backing[msg.offset : msg.offset + msg.length]
+            copies.append((msg.offset, msg.length, copy))
+            nursery.start_soon(copy.run)
+        manager.on_copy = on_copy
+        # A write to a page the copy made write-locked asks first; the copy is safe by then.
+        manager.on_unlock = lambda msg: calls.memory_object_lock_request(msg.control, msg.offset, msg.length, lock_value=VM_PROT_NONE)
         nursery.start_soon(manager.run)
         async with kernelsim.boot("k", PAGE, 2000, cluster_pages=C) as kernel:
             task = await kernel.task_create()
@@ -112,10 +127,6 @@ async def test_copy_while_read_ahead_in_flight(strategy):
                 assert len(held) == 3, [(h.offset, h.length) for h in held]
                 # a copy is made while pages are absent
                 copy_task = await kernel.task_create()
-                if strategy == MEMORY_OBJECT_COPY_CALL:
-                    # the manager must serve the copy object: serve it from the original bytes
-                    async def serve_copy():
-                        pass
                 async with trio.open_nursery() as cn:
                     async def make_copy():
                         copy_task.addr = await copy_task.vm_map(manager.send_right(), pages * PAGE, copy=True)
@@ -126,20 +137,29 @@ async def test_copy_while_read_ahead_in_flight(strategy):
                         calls.memory_object_data_supply(h.control, h.offset, manager.pattern(h.offset, h.length),
                                                         lock_value=VM_PROT_NONE)
                     held.clear()
-            # the original is written: the copy keeps the old contents
-            if strategy != MEMORY_OBJECT_COPY_CALL:
-                await task.write(a + 2 * C * PAGE, b"NEW")
-                assert await task.read(a + 2 * C * PAGE, 3) == b"NEW"
-                got = await copy_task.read(copy_task.addr + 2 * C * PAGE, 3)
-                assert got == original[2 * C * PAGE: 2 * C * PAGE + 3]
-            else:
+            if strategy == MEMORY_OBJECT_COPY_CALL:
+                assert [(offset, length) for offset, length, _ in copies] == [(0, pages * PAGE)]  # the manager was asked
                 # pages on their way when the COPY_CALL copy was made are write-locked on arrival
                 obj = task.map.lookup(a).object
                 page = obj.pages[2 * C * PAGE]
                 assert page.page_lock & VM_PROT_WRITE
+            else:
+                assert copies == []
+            # the original is written: the copy keeps the old contents
+            await task.write(a + 2 * C * PAGE, b"NEW")
+            assert await task.read(a + 2 * C * PAGE, 3) == b"NEW"
+            assert await copy_task.read(copy_task.addr, pages * PAGE) == original
+            if strategy == MEMORY_OBJECT_COPY_CALL:
+                # ... and served the copy's pages the kernel did not have from its copy object
+                assert copies[0][2].messages(m.MemoryObjectDataRequest)
+            assert await task.read(a, pages * PAGE) == original[: 2 * C * PAGE] + b"NEW" + original[2 * C * PAGE + 3 :]
         nursery.cancel_scope.cancel()
 
 async def test_data_error_on_read_ahead_then_asked_again():
+    """The manager answers the first request for each cluster from 2 on with data_error.  Those
+    requests are read-ahead (the reader is a cluster behind), so the error never reaches the
+    reader: the kernel asks for the cluster again when the reader gets there, and every byte
+    read is the manager's."""
     pages = 8 * C
     manager = pattern_manager(pages)
     failed = set()
@@ -155,17 +175,14 @@ async def test_data_error_on_read_ahead_then_asked_again():
         async with kernelsim.boot("k", PAGE, 2000, cluster_pages=C) as kernel:
             task = await kernel.task_create()
             a = await task.vm_map(manager.send_right(), pages * PAGE)
-            out = []
-            errors = 0
-            o = 0
-            while o < pages * PAGE:
-                try:
-                    out.append(await task.read(a + o, C * PAGE))
-                    o += C * PAGE
-                except KernMemoryError:
-                    errors += 1
+            # A KernMemoryError here (an error that reached the reader) fails the test.
+            out = [await task.read(a + o, C * PAGE) for o in range(0, pages * PAGE, C * PAGE)]
             assert b"".join(out) == bytes(manager.backing)
-            assert kernel.resident.count <= 2000
+            assert failed == {o for o in range(2 * C * PAGE, pages * PAGE, C * PAGE)}
+            asked = Counter(r.offset for r in manager.messages(m.MemoryObjectDataRequest))
+            assert asked == {o: 2 if o in failed else 1 for o in range(0, pages * PAGE, C * PAGE)}
+            assert kernel.stats.data_errors == len(failed) * C
+            assert kernel.resident.count == pages  # every page came in, none left in error
         nursery.cancel_scope.cancel()
 
 async def test_manager_death_with_read_ahead_in_flight():
