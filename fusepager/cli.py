@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from kernelsim import __version__
 from kernelsim.transport import Address
 
 from .mount import KernelSpec, MountError, daemon_log_path, default_listen, mount_state, serve, unmount
+from .unmounting import RETURN_WAIT
 
 DESCRIPTION = """\
 fusepager: external memory managers that keep their pages in real files and show them, and the
@@ -62,6 +64,11 @@ def _mount(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.store):
         print(f"fusepager mount: store {args.store} is not a directory (mkdir -p {args.store})", file=sys.stderr)
         return 1
+    try:
+        unmount_wait = _unmount_wait(args.unmount_wait)
+    except ValueError as error:
+        print(f"fusepager mount: {error}", file=sys.stderr)
+        return 2
     foreground = args.foreground or args.debug or args.ready_fd is not None
     if args.console and not foreground:
         print("fusepager mount: --console reads commands from stdin; add -f", file=sys.stderr)
@@ -100,6 +107,7 @@ def _mount(args: argparse.Namespace) -> int:
                 debug=args.debug,
                 default_manager=args.default_manager,
                 listen=listen,
+                unmount_wait=unmount_wait,
                 on_ready=ready,
             )
         )
@@ -114,6 +122,20 @@ def _mount(args: argparse.Namespace) -> int:
         print(f"fusepager mount: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+MAX_UNMOUNT_WAIT = 3600.0
+
+
+def _unmount_wait(text: str) -> float:
+    """--unmount-wait S: a number of seconds from 0 to MAX_UNMOUNT_WAIT; ValueError otherwise."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds <= MAX_UNMOUNT_WAIT:  # nan fails too
+        raise ValueError(f"--unmount-wait {text!r}: give a number of seconds from 0 to {MAX_UNMOUNT_WAIT:g}")
+    return seconds
 
 
 def _mount_error(error: BaseException) -> MountError | None:
@@ -140,6 +162,7 @@ def _daemonize(args: argparse.Namespace) -> int:
         command.append("--no-default-manager")
     if args.listen:
         command += ["--listen", args.listen]
+    command += ["--unmount-wait", args.unmount_wait]
     log_path = daemon_log_path(args.store)
     with open(log_path, "ab") as log_file:
         child = subprocess.Popen(
@@ -326,6 +349,13 @@ def main(argv: list[str] | None = None) -> int:
         dest="default_manager",
         action="store_false",
         help="do not be the in-process kernels' default memory manager (their anonymous memory then cannot be paged out)",
+    )
+    mount.add_argument(
+        "--unmount-wait",
+        metavar="S",
+        default=str(RETURN_WAIT),
+        help=f"at unmount, wait up to S seconds for every kernel to return its changed pages (default {RETURN_WAIT:g}; "
+        f"0 to {MAX_UNMOUNT_WAIT:g}); kernels that do not are named in the log and the trace",
     )
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     mount.set_defaults(run=_mount)

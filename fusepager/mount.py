@@ -2,8 +2,10 @@
 
 `serve()` mounts a FileStore, runs its pagers, optional in-process kernels and their console,
 and unmounts in order when the mount is unmounted (fusermount3 -u, `fusepager umount`) or the
-process gets SIGINT or SIGTERM: first the FUSE loop stops, then the kernels shut down (their
-dirty pages come back to the pagers and into the store), then the store is closed.
+process gets SIGINT or SIGTERM: first the FUSE loop stops; then every kernel, in the daemon or
+in a process of its own, returns its changes while the connections are still open (a bounded
+wait; who did not is reported, see unmounting.py); then the kernel processes are hung up on,
+the daemon's own kernels shut down, and the store is closed.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from kernelsim.transport import UNIX_PATH_MAX, Address, Connection
 from .fs import PagerFS
 from .manager import FileManager
 from .store import FileStore, StoreError
+from .unmounting import RETURN_WAIT, gather_changes, hang_up_kernels
 
 log = logging.getLogger("fusepager.mount")
 
@@ -196,9 +199,12 @@ async def serve(
     readahead_kb: int = READAHEAD_KB,
     default_manager: bool = True,
     listen: Address | None = None,
+    unmount_wait: float = RETURN_WAIT,
     on_ready=None,
 ) -> None:
-    """Mount, serve until unmounted or signalled, then shut down in order."""
+    """Mount, serve until unmounted or signalled, then shut down in order: every kernel
+    returns its changes (for `unmount_wait` seconds at most), the kernel processes are hung up
+    on, the daemon's own kernels shut down, the store closes."""
     check_mountpoint(mountpoint)
     try:
         store = FileStore(store_path)
@@ -250,15 +256,27 @@ async def serve(
                     if on_ready is not None:
                         on_ready()
 
+                accepting = trio.CancelScope()
                 if listeners:
-                    nursery.start_soon(_accept_kernels, listeners, manager)
+                    nursery.start_soon(_accept_kernels, listeners, manager, nursery, accepting)
                     manager.trace.line(f"manager: kernels connect to {listen}")
 
-                with trio.CancelScope() as fuse_scope:
-                    nursery.start_soon(_cancel_on_signal, fuse_scope)
+                stopping = _Stopping()
+                nursery.start_soon(_watch_signals, stopping)
+                with stopping.fuse:
                     nursery.start_soon(when_serving)
                     await pyfuse3.main()
-                manager.trace.line("manager: unmounting; kernels shut down and return their pages")
+                # The FUSE loop has stopped (the mount is gone, or goes at pyfuse3.close); the
+                # pagers and the kernels' connections still run.  No new kernel comes in, and
+                # every kernel, in this process or not, returns its changes before anything
+                # closes; then the kernel processes are hung up on.
+                stopping.unmounting = True
+                accepting.cancel()
+                _close_listeners(listeners, listen)
+                with stopping.waiting:
+                    await gather_changes(manager, unmount_wait)
+                await hang_up_kernels(manager)
+                manager.trace.line("manager: unmounting; the daemon's own kernels shut down and return their pages")
             # The kernels are down: what they returned is queued for the pagers.  Let it land.
             with trio.move_on_after(UNMOUNT_WAIT):
                 await manager.idle()
@@ -271,10 +289,13 @@ async def serve(
 
 
 def _close_listeners(listeners: list[trio.SocketListener], listen: Address | None) -> None:
-    for listener in listeners:
-        listener.socket.close()
+    """Stop listening and remove the socket file, once (the list is emptied): removing it again
+    later could remove the socket of a daemon started since on the same store."""
     if listen is not None and listeners:
         listen.remove()
+    for listener in listeners:
+        listener.socket.close()
+    listeners.clear()
 
 
 MAX_KERNEL_CONNECTIONS = 64
@@ -290,9 +311,13 @@ def default_listen(store_path: str) -> Address:
     return Address("unix", path=path)
 
 
-async def _accept_kernels(listeners: list[trio.SocketListener], manager: FileManager) -> None:
+async def _accept_kernels(
+    listeners: list[trio.SocketListener], manager: FileManager, home: trio.Nursery, accepting: trio.CancelScope
+) -> None:
     """Each kernel process that connects gets a connection whose bootstrap port is the name
-    service; its objects' control ports come through it as proxies."""
+    service; its objects' control ports come through it as proxies.  The connections live in
+    `home`, so that cancelling `accepting` (at unmount) stops new ones and leaves those open
+    for the kernels to return their changes."""
 
     async def serve(stream: trio.abc.Stream) -> None:
         if len(manager.connections) >= MAX_KERNEL_CONNECTIONS:
@@ -309,15 +334,33 @@ async def _accept_kernels(listeners: list[trio.SocketListener], manager: FileMan
         finally:
             manager.connections.discard(connection)
 
-    await trio.serve_listeners(serve, listeners)
+    with accepting:
+        await trio.serve_listeners(serve, listeners, handler_nursery=home)
 
 
-async def _cancel_on_signal(scope: trio.CancelScope) -> None:
+class _Stopping:
+    """How the daemon stops: `fuse` is cancelled to stop the FUSE loop (a signal), `waiting`
+    to stop waiting for kernels at unmount (a signal then)."""
+
+    def __init__(self) -> None:
+        self.fuse = trio.CancelScope()
+        self.waiting = trio.CancelScope()
+        self.unmounting = False  # the FUSE loop has stopped: the kernels are being waited for
+
+
+async def _watch_signals(stopping: _Stopping) -> None:
+    """SIGINT or SIGTERM unmounts; one more while kernels are returning their changes stops
+    waiting for them (what they did not return stays with them, and is reported)."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for number in signals:
-            log.warning("got %s: unmounting", signal.Signals(number).name)
-            scope.cancel()
-            return
+            name = signal.Signals(number).name
+            if not stopping.unmounting:
+                log.warning("got %s: unmounting", name)
+                stopping.unmounting = True
+                stopping.fuse.cancel()
+            else:
+                log.warning("got %s while unmounting: not waiting any more for kernels to return their changes", name)
+                stopping.waiting.cancel()
 
 
 def daemon_log_path(store_path: str) -> Path:

@@ -1304,6 +1304,32 @@ class Pager:
         if not self.unstored:
             self.write_refusal = None  # whatever had to be stored was: kernels may write again
 
+    async def sync_every_kernel(self, timeout: float) -> list[tuple[str, list[int], int]]:
+        """At unmount: every ready kernel returns its changes, as with `sync` over the whole
+        object, but asked of every kernel, not only of those holding pages writable: its answer
+        also means whatever it returned of its own accord before (pages kept from a lost
+        manager) has arrived.  Kernels that do not answer within `timeout` seconds are given up
+        (forgotten: nothing waits for them any more); returns each one's label with the pages
+        it held writable (it may have changed them) and its page size, for the caller to
+        report."""
+        length = await self._length(0, None)
+        records = [record for record in self.kernels.values() if record.ready]
+        writable = {record.label: record.pagemap.writable() for record in records}
+        with trio.move_on_after(timeout):
+            try:
+                await self._lock_requests(self._lock_items(records, 0, length, VM_PROT_WRITE), MEMORY_OBJECT_RETURN_DIRTY, False)
+            except LockTimeout:
+                pass  # those that did not answer are named below
+        silent = [
+            record
+            for record in records
+            if any(not wait.done.is_set() for wait in self._lock_waits.get(record.control.name, ()))
+        ]
+        for record in silent:
+            self.trace.line(f"{self.name} gave up waiting for {record.label} to return its changes")
+            self._forget(record)
+        return [(record.label, writable[record.label], record.page_size) for record in silent]
+
     async def _store_unstored(self, offset: int, length: int | None) -> None:
         """Try again to store the kept bytes that overlap the range, whole pages at a time (the
         rest of a page read from the store), each in its place in the storage line."""
