@@ -135,12 +135,21 @@ def unmount(mountpoint: str, *, wait: float = UNMOUNT_WAIT) -> str:
         return f"unmounted {mountpoint}" + (" (it was stale)" if state == "stale" else "")
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _running(pid):
             return f"unmounted {mountpoint}; daemon {pid} finished"
         time.sleep(0.05)
     return f"unmounted {mountpoint}; daemon {pid} is still finishing (kill it with: kill {pid})"
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` still runs: a zombie (finished, not yet reaped by its parent, such
+    as a script that started the daemon and has not waited for it yet) has finished."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def set_readahead(mountpoint: str, kilobytes: int) -> None:

@@ -1308,10 +1308,10 @@ class Pager:
         """At unmount: every ready kernel returns its changes, as with `sync` over the whole
         object, but asked of every kernel, not only of those holding pages writable: its answer
         also means whatever it returned of its own accord before (pages kept from a lost
-        manager) has arrived.  Kernels that do not answer within `timeout` seconds are given up
-        (forgotten: nothing waits for them any more); returns each one's label with the pages
-        it held writable (it may have changed them) and its page size, for the caller to
-        report."""
+        manager) has arrived.  Kernels that do not answer within `timeout` seconds are not
+        waited for any more (their requests count as answered; what they return while their
+        connection lasts is still taken); returns each one's label with the pages it held
+        writable (it may have changed them) and its page size, for the caller to report."""
         length = await self._length(0, None)
         records = [record for record in self.kernels.values() if record.ready]
         writable = {record.label: record.pagemap.writable() for record in records}
@@ -1327,7 +1327,8 @@ class Pager:
         ]
         for record in silent:
             self.trace.line(f"{self.name} gave up waiting for {record.label} to return its changes")
-            self._forget(record)
+            for wait in self._lock_waits.get(record.control.name, ()):
+                wait.done.set()  # left in line: a late lock_completed still finds its request
         return [(record.label, writable[record.label], record.page_size) for record in silent]
 
     async def _store_unstored(self, offset: int, length: int | None) -> None:

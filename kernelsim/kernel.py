@@ -24,6 +24,7 @@ from .interface import VM_INHERIT_COPY, VM_INHERIT_SHARE, KernInvalidArgument, K
 from .ipc_port import SendRight, port_allocate
 from .manager_wait import FAULT_WARNING, WaitingFault, check_wait_setting, fault_watchdog, wait_for_manager
 from .memory_object import ControlServer, NotifyServer
+from .messages import MemoryObjectDataReturn, Message
 from .task import Task
 from .vm_object import ObjectTable, VMObject
 from .vm_page import Page, ResidentMemory
@@ -236,6 +237,21 @@ class Kernel:
             return await self.return_orphans(object)
         finally:
             self.objects.deallocate(object)
+
+    def keep_undelivered(self, message: Message) -> None:
+        """A message to a manager that its connection closed before writing: the pages of a
+        dirty data_return are kept for the manager's successor, as if they had still been
+        dirty here when the manager died (manager_died keeps those, and runs after this)."""
+        if not isinstance(message, MemoryObjectDataReturn) or not message.dirty:
+            return
+        object = self.objects.lookup_control(message.control.port.name)
+        if object is None or object.tag is None:
+            self.warn(f"lost {len(message.data)} returned bytes at {message.offset:#x}: their connection closed, and the object has no name to keep them by")
+            return
+        kept = self.orphans.setdefault(object.tag, {})
+        for start in range(0, len(message.data), self.page_size):
+            kept[message.offset + start] = bytes(message.data[start : start + self.page_size])
+        self.note(f"kept {len(message.data)} bytes of {object.tag} at {message.offset:#x}: the data_return was not delivered")
 
     def vm_sync(self, object: VMObject) -> int:
         """Return the object's changed pages to its manager, keeping clean copies (a kernel's

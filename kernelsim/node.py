@@ -137,7 +137,9 @@ class Node:
             if not quiet:
                 say(f"cannot reach the manager at {self.address} ({error.strerror or error}); {which}")
             return None
-        connection = Connection(stream, local_name=self.kernel.name, on_log=say)
+        # A data_return the connection could not write before closing goes back to the kernel's
+        # kept pages, for the next manager.
+        connection = Connection(stream, local_name=self.kernel.name, on_log=say, on_undelivered=self.kernel.keep_undelivered)
         nursery.start_soon(connection.run)
         await connection.settled.wait()
         if not connection.greeted:

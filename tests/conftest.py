@@ -48,3 +48,23 @@ def mounted(tmp_path):
 
     with MountSession(tmp_path / "store", tmp_path / "mnt", ["k1:4096:256", "k2:16384:64"]) as session:
         yield session
+
+
+@pytest.fixture
+def kernels(tmp_path):
+    """Start kernel processes (`kernelsim run --connect`) with `kernels(address, name, ...)`
+    (KernelProcess's options); all of them are ended, by PID, whatever happens."""
+    from fusepager.session import KernelProcess
+
+    started: list[KernelProcess] = []
+
+    def start(address: str, name: str, **options) -> KernelProcess:
+        process = KernelProcess(address, name, workdir=tmp_path, **options)
+        started.append(process)
+        return process
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            process.close(timeout=10)

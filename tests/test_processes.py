@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from fusepager.session import KernelProcess, MountSession, SessionError
+from mounting import GENEROUS
 
 PAGE = 4096
 
@@ -43,11 +44,6 @@ def _kernels_of(obj: Path) -> list[str]:
     return sorted(os.listdir(obj / "kernels"))
 
 
-GENEROUS = 30.0
-"""Seconds to wait for something that happens at once on an idle machine: a bound that only a
-hang reaches, not a measure of speed (the suite runs beside other work on two cores)."""
-
-
 def _wait_until(predicate, timeout: float, what: str) -> float:
     """Poll until `predicate()` holds; how long it took.  Fails after `timeout` seconds."""
     start = time.monotonic()
@@ -63,24 +59,6 @@ def manager(tmp_path):
     """A mount with no kernels of its own, listening for kernel processes."""
     with MountSession(tmp_path / "store", tmp_path / "mnt", []) as session:
         yield session
-
-
-@pytest.fixture
-def kernels(tmp_path):
-    """Start kernel processes with `kernels(address, name, ...)`; all of them are ended, by PID,
-    whatever happens."""
-    started: list[KernelProcess] = []
-
-    def start(address: str, name: str, **options) -> KernelProcess:
-        process = KernelProcess(address, name, workdir=tmp_path, **options)
-        started.append(process)
-        return process
-
-    try:
-        yield start
-    finally:
-        for process in started:
-            process.close(timeout=10)
 
 
 def test_two_kernel_processes_share_an_object_through_the_manager(manager, kernels):
