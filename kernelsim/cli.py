@@ -66,6 +66,10 @@ console commands (one a line; 'help' lists them all):
   map NAME SIZE          map the manager's object NAME     read WHERE LEN [text]
   write WHERE TEXT       writehex WHERE HEX                 fork [NAME]   task NAME
   copy WHERE SIZE WHERE  protect WHERE SIZE PROT            region WHERE  stat   sync
+
+stat answers at once, even while an earlier command waits for its manager: the counters, then
+faults_waiting=N longest_wait=SECONDS, then a line '# fault object NAME offset OFFSET: waiting
+S s for manager MANAGER to answer CALL' for each fault waiting.
 """
 
 
