@@ -354,8 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         "--unmount-wait",
         metavar="S",
         default=str(RETURN_WAIT),
-        help=f"at unmount, wait up to S seconds for every kernel to return its changed pages (default {RETURN_WAIT:g}; "
-        f"0 to {MAX_UNMOUNT_WAIT:g}); kernels that do not are named in the log and the trace",
+        help=f"at unmount, wait up to S seconds for every kernel to return its changed pages (default {RETURN_WAIT:g}, "
+        f"at most {MAX_UNMOUNT_WAIT:g}; 0: do not ask, kernel processes keep them for the next daemon); "
+        "kernels that do not answer are named in the log and the trace",
     )
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     mount.set_defaults(run=_mount)

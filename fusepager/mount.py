@@ -282,8 +282,7 @@ async def serve(
                 stopping.unmounting = True
                 accepting.cancel()
                 _close_listeners(listeners, listen)
-                with stopping.waiting:
-                    await gather_changes(manager, unmount_wait)
+                await gather_changes(manager, unmount_wait, stopping.stop_waiting)
                 await hang_up_kernels(manager)
                 manager.trace.line("manager: unmounting; the daemon's own kernels shut down and return their pages")
             # The kernels are down: what they returned is queued for the pagers.  Let it land.
@@ -348,12 +347,12 @@ async def _accept_kernels(
 
 
 class _Stopping:
-    """How the daemon stops: `fuse` is cancelled to stop the FUSE loop (a signal), `waiting`
-    to stop waiting for kernels at unmount (a signal then)."""
+    """How the daemon stops: `fuse` is cancelled to stop the FUSE loop (a signal),
+    `stop_waiting` set to stop waiting for kernels at unmount (a signal then)."""
 
     def __init__(self) -> None:
         self.fuse = trio.CancelScope()
-        self.waiting = trio.CancelScope()
+        self.stop_waiting = trio.Event()
         self.unmounting = False  # the FUSE loop has stopped: the kernels are being waited for
 
 
@@ -369,7 +368,7 @@ async def _watch_signals(stopping: _Stopping) -> None:
                 stopping.fuse.cancel()
             else:
                 log.warning("got %s while unmounting: not waiting any more for kernels to return their changes", name)
-                stopping.waiting.cancel()
+                stopping.stop_waiting.set()
 
 
 def daemon_log_path(store_path: str) -> Path:

@@ -1304,18 +1304,20 @@ class Pager:
         if not self.unstored:
             self.write_refusal = None  # whatever had to be stored was: kernels may write again
 
-    async def sync_every_kernel(self, timeout: float) -> list[tuple[str, list[int], int]]:
+    async def sync_every_kernel(self, within: trio.CancelScope) -> list[tuple[str, list[int], int]]:
         """At unmount: every ready kernel returns its changes, as with `sync` over the whole
         object, but asked of every kernel, not only of those holding pages writable: its answer
         also means whatever it returned of its own accord before (pages kept from a lost
-        manager) has arrived.  Kernels that do not answer within `timeout` seconds are not
-        waited for any more (their requests count as answered; what they return while their
+        manager) has arrived.  Kernels that have not answered when `within` (a cancel scope
+        entered here: its deadline, or a cancel) ends the wait are not waited for any more (their requests count as answered; what they return while their
         connection lasts is still taken); returns each one's label with the pages it held
         writable (it may have changed them) and its page size, for the caller to report."""
-        length = await self._length(0, None)
         records = [record for record in self.kernels.values() if record.ready]
+        if not records:
+            return []
+        length = await self._length(0, None)
         writable = {record.label: record.pagemap.writable() for record in records}
-        with trio.move_on_after(timeout):
+        with within:
             try:
                 await self._lock_requests(self._lock_items(records, 0, length, VM_PROT_WRITE), MEMORY_OBJECT_RETURN_DIRTY, False)
             except LockTimeout:

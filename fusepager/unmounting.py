@@ -43,26 +43,48 @@ def _ranges(pages: list[int], page_size: int) -> str:
     return " ".join(f"{start:#x}+{end - start}" for start, end in runs) or "none"
 
 
-async def gather_changes(manager: FileManager, timeout: float) -> list[str]:
+async def gather_changes(manager: FileManager, timeout: float, stop_waiting: trio.Event | None = None) -> list[str]:
     """Every kernel returns its changes to every object, all objects at once, within `timeout`
-    seconds; the lines naming what did not come back (also traced and logged)."""
+    seconds (or until `stop_waiting` is set); the lines naming what did not come back (also
+    traced and logged).  A `timeout` of 0 asks nothing."""
     missing: list[str] = []
+    if timeout <= 0:
+        # --unmount-wait 0: kernel processes keep their changes for the next daemon; the
+        # daemon's own kernels still return theirs as they shut down.
+        manager.trace.line("manager: unmounting without asking kernels for their changes (--unmount-wait 0)")
+        log.warning("unmount: kernel processes were not asked for their changes (--unmount-wait 0); they keep them for the next daemon")
+        return missing
+
+    deadline = trio.current_time() + timeout
+    scopes: list[trio.CancelScope] = []
 
     async def one(name: bytes) -> None:
         pager = manager.pagers.get(name)
         if pager is None:
             return
-        for label, pages, page_size in await pager.sync_every_kernel(timeout):
+        scope = trio.CancelScope(deadline=deadline)
+        scopes.append(scope)
+        for label, pages, page_size in await pager.sync_every_kernel(scope):
             missing.append(
-                f"unmount: kernel {label} did not return its changes to object {display_name(name)} within {timeout:g} s "
+                f"unmount: kernel {label} did not return its changes to object {display_name(name)} "
+                f"{'before the wait was cut short' if stop_waiting is not None and stop_waiting.is_set() else f'within {timeout:g} s'} "
                 f"(pages it held writable: {_ranges(pages, page_size)}); they stay with it until a daemon serves this store again"
             )
 
     if manager.pagers:
         manager.trace.line(f"manager: unmounting; every kernel returns its changes (waiting {timeout:g} s at most)")
+    async def cut_short() -> None:
+        if stop_waiting is not None:
+            await stop_waiting.wait()
+            for scope in scopes:
+                scope.cancel()
+
     async with trio.open_nursery() as nursery:
-        for name in list(manager.pagers):
-            nursery.start_soon(one, name)
+        async with trio.open_nursery() as syncs:
+            nursery.start_soon(cut_short)
+            for name in list(manager.pagers):
+                syncs.start_soon(one, name)
+        nursery.cancel_scope.cancel()
     for line in missing:
         manager.trace.line(line)
         log.warning("%s", line)
