@@ -146,6 +146,35 @@ def test_a_kernel_that_does_not_answer_at_unmount_is_named_and_gives_its_pages_t
             assert kernel.process.returncode == 0, kernel.child_stderr()
 
 
+def test_a_second_signal_cuts_the_unmount_wait_short_and_still_names_the_kernel(tmp_path, kernels):
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    daemon = MountSession(store, mnt, [], extra_args=["--unmount-wait", "600"])
+    try:
+        _make_object(mnt, "o")
+        k2 = kernels(daemon.listen_address, "k2", page_size=16384)
+        k2.command(f"map o {SIZE}")
+        k2.command("write o+40000 k2 was stopped")
+        os.kill(k2.pid, signal.SIGSTOP)
+        try:
+            os.kill(daemon.pid, signal.SIGTERM)
+            wait_until(lambda: "got SIGTERM: unmounting" in daemon.daemon_stderr(), GENEROUS, what="the daemon unmounting")
+            wait_until(lambda: not os.path.exists(daemon.listen_address.removeprefix("unix:")), GENEROUS, what="the daemon waiting for k2")
+            os.kill(daemon.pid, signal.SIGTERM)  # do not wait the 600 s
+            daemon.process.wait(timeout=GENEROUS)
+        finally:
+            os.kill(k2.pid, signal.SIGCONT)
+        log = daemon.daemon_stderr()
+    finally:
+        daemon.close()
+    assert daemon.process.returncode == 0, log
+    assert "kernel k2 did not return its changes to object o before the wait was cut short" in log, log
+    k2.wait_for_info("lost the manager")
+    with MountSession(store, mnt, []):
+        k2.wait_for_info("returned 1 changed pages of o", timeout=GENEROUS)
+        wait_until(lambda: _stored(store, "o", 40000, 14) == b"k2 was stopped", GENEROUS, what="k2's page in the store")
+        k2.close()
+
+
 RESTART_GAP = float(os.environ.get("FUSEPAGER_TEST_RESTART_GAP", "60"))
 """How long the daemon stays away in the restart test: a minute, as issue 14 asks (the kernel
 process used to give up after ten tries half a second apart)."""
