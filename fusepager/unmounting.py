@@ -55,7 +55,8 @@ async def gather_changes(manager: FileManager, timeout: float, stop_waiting: tri
         log.warning("unmount: kernel processes were not asked for their changes (--unmount-wait 0); they keep them for the next daemon")
         return missing
 
-    deadline = trio.current_time() + timeout
+    started = trio.current_time()
+    deadline = started + timeout
     scopes: list[trio.CancelScope] = []
 
     async def one(name: bytes) -> None:
@@ -67,7 +68,7 @@ async def gather_changes(manager: FileManager, timeout: float, stop_waiting: tri
         for label, pages, page_size in await pager.sync_every_kernel(scope):
             missing.append(
                 f"unmount: kernel {label} did not return its changes to object {display_name(name)} "
-                f"{'before the wait was cut short' if stop_waiting is not None and stop_waiting.is_set() else f'within {timeout:g} s'} "
+                f"{'before the wait was cut short' if stop_waiting is not None and stop_waiting.is_set() else f'within {trio.current_time() - started:.0f} s'} "
                 f"(pages it held writable: {_ranges(pages, page_size)}); they stay with it until a daemon serves this store again"
             )
 
