@@ -93,30 +93,27 @@ async def wait_for_manager(object: VMObject, offset: int, waiting_for: str, wait
     kernel = object.kernel
     fault = WaitingFault(object, offset, waiting_for)
     kernel.waiting_faults.add(fault)
-    answered = True
     try:
         if kernel.fault_timeout is None:
             await wait()
-            return
-        with trio.move_on_at(fault.started + kernel.fault_timeout) as scope:
-            await wait()
-        if scope.cancelled_caught:
-            answered = False
-            kernel.stats.fault_timeouts += 1
-            kernel.warn(f"fault failed after {kernel.fault_timeout:g} s (the fault timeout): {fault.describe()}")
-            raise KernMemoryError(
-                offset,
-                KERN_MEMORY_ERROR,
-                f"no answer from manager {manager_name(object)} to {waiting_for} within {kernel.fault_timeout:g} s "
-                f"(object {object_name(object)})",
-            )
-    except BaseException:
-        answered = False
-        raise
+        else:
+            with trio.move_on_at(fault.started + kernel.fault_timeout) as scope:
+                await wait()
+            if scope.cancelled_caught:
+                kernel.stats.fault_timeouts += 1
+                kernel.warn(f"fault failed after {kernel.fault_timeout:g} s (the fault timeout): {fault.describe()}")
+                raise KernMemoryError(
+                    offset,
+                    KERN_MEMORY_ERROR,
+                    f"no answer from manager {manager_name(object)} to {waiting_for} within {kernel.fault_timeout:g} s "
+                    f"(object {object_name(object)})",
+                )
+        if fault.warned:
+            # Whoever heard of the wait hears of its end too.
+            how = "was answered" if object.alive else f"ended ({object.death_message})"
+            kernel.warn(f"the fault on object {object_name(object)} offset {offset:#x} {how} after {fault.waited():.1f} s")
     finally:
         kernel.waiting_faults.discard(fault)
-        if fault.warned and answered:
-            kernel.warn(f"the fault on object {object_name(object)} offset {offset:#x} was answered after {fault.waited():.1f} s")
 
 
 async def fault_watchdog(kernel: Kernel) -> None:
