@@ -43,6 +43,10 @@ class NodeError(Exception):
     """The node cannot run; the message says why."""
 
 
+class NoSuchObject(ValueError):
+    """The manager has no memory object of that name (netname_look_up said so)."""
+
+
 def say(text: str) -> None:
     """An information line: '#' first, so that a program reading answers can skip it."""
     print(f"# {text}", flush=True)
@@ -152,10 +156,12 @@ class Node:
         """'N changed pages of NAME, ...' for the pages kept from a lost manager ('' if none)."""
         return ", ".join(f"{len(pages)} changed pages of {name}" for name, pages in sorted(self.kernel.orphans.items()) if pages)
 
-    async def return_kept(self) -> None:
+    async def return_kept(self) -> set[str]:
         """One pass over the objects whose changed pages were kept since a manager was lost:
         each is looked up by name at the manager now connected, and its pages go back to it
-        (memory_object_init, then a data_return of each).  What cannot go stays kept."""
+        (memory_object_init, then a data_return of each).  What cannot go stays kept; returns
+        the names the manager said it has no object of."""
+        unknown: set[str] = set()
         async with self._returning:
             for name in sorted(self.kernel.orphans):
                 count = len(self.kernel.orphans.get(name, ()))
@@ -168,12 +174,17 @@ class Node:
                         returned = await self.kernel.return_kept_pages(name, pager)
                     finally:
                         pager.deallocate()
+                except NoSuchObject as error:
+                    unknown.add(name)
+                    say(f"still keeping {count} changed pages of {name}: {error}")
+                    continue
                 except (ValueError, KernError) as error:
                     say(f"still keeping {count} changed pages of {name}: {error}")
                     continue
                 peer = connection.peer_name if connection is not None else "?"
                 left = len(self.kernel.orphans.get(name, ()))
                 say(f"returned {returned} changed pages of {name}, kept since the manager was lost, to manager {peer}" + (f"; {left} still kept" if left else ""))
+        return unknown
 
     async def return_kept_before_exit(self) -> None:
         """At the end of the commands: changed pages kept from a lost manager must reach a
@@ -187,9 +198,11 @@ class Node:
                 if self.gave_up:
                     break
                 continue
-            await self.return_kept()
-            if self.kernel.orphans and self.connection is not None and not self.connection.closed.is_set():
-                break  # the manager is there and would not take them (no such object)
+            unknown = await self.return_kept()
+            if set(self.kernel.orphans) <= unknown:
+                break  # the manager is there and has no such objects: nobody will take them
+            if self.kernel.orphans:
+                await trio.sleep(RECONNECT_MAX_DELAY)  # it did not answer in time: ask again
         if self.kernel.orphans:
             say(f"dropping {self._kept_text()}: no manager of the store took them")
 
@@ -211,7 +224,7 @@ class Node:
             with trio.move_on_after(10):
                 answer = (await reply.receive()).message
                 if answer.return_code != KERN_SUCCESS or answer.port is None:
-                    raise ValueError(f"no object {name!r} at the manager")
+                    raise NoSuchObject(f"no object {name!r} at the manager")
                 return answer.port
             raise ValueError(f"the manager did not answer the lookup of {name!r}")
         finally:

@@ -217,6 +217,7 @@ class Connection:
         self._wake_writer = trio.lowlevel.ParkingLot()
         self._written = trio.lowlevel.ParkingLot()
         self._writing = False
+        self._eof_sent = False  # hang_up: our side is shut for writing
         # A socket's frames are written at once by the sender when nothing is queued before
         # them: no hop through the writer task, which only finishes what did not fit.
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
@@ -425,6 +426,9 @@ class Connection:
             if self.closed.is_set():
                 return
             self.close_reason = self.close_reason or "closed"  # by us, whatever the peer does next
+            # Nothing more goes out: a frame written after the end of the stream would fail
+            # (EPIPE) and end the connection before the peer has closed its side.
+            self._eof_sent = True
             try:
                 await self.stream.send_eof()
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError):
@@ -473,7 +477,7 @@ class Connection:
             self._in_flight = []
 
     def _queue(self, destination: int, message: Message) -> None:
-        if self.closed.is_set():
+        if self.closed.is_set() or self._eof_sent:
             message.destroy_rights()
             raise MachSendInvalidDest(destination & ~YOURS)
         if len(self._outgoing) >= MAX_OUTGOING:
@@ -497,7 +501,8 @@ class Connection:
             self._queue(name, waiting)
 
     def _queue_dead(self, reference: int) -> None:
-        if not self.closed.is_set():
+        # After our end of the stream the peer hears of every death as the connection closes.
+        if not self.closed.is_set() and not self._eof_sent:
             self._send_frame(HEADER.pack(U64.size + 1, DEAD) + U64.pack(reference))
 
     def _send_frame(self, frame: bytes | _Pieces, message: Message | None = None) -> None:
