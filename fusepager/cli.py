@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from kernelsim.transport import Address
 from .control import ControlError, parse_number
 from .mount import KernelSpec, MountError, daemon_log_path, default_listen, mount_state, serve, unmount
 from .trace import TRACE_KEEP, TRACE_SEGMENT
+from .unmounting import RETURN_WAIT
 
 MAX_TRACE_KEEP = 1000
 
@@ -68,6 +70,11 @@ def _mount(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.store):
         print(f"fusepager mount: store {args.store} is not a directory (mkdir -p {args.store})", file=sys.stderr)
         return 1
+    try:
+        unmount_wait = _unmount_wait(args.unmount_wait)
+    except ValueError as error:
+        print(f"fusepager mount: {error}", file=sys.stderr)
+        return 2
     foreground = args.foreground or args.debug or args.ready_fd is not None
     if args.console and not foreground:
         print("fusepager mount: --console reads commands from stdin; add -f", file=sys.stderr)
@@ -106,6 +113,7 @@ def _mount(args: argparse.Namespace) -> int:
                 debug=args.debug,
                 default_manager=args.default_manager,
                 listen=listen,
+                unmount_wait=unmount_wait,
                 on_ready=ready,
                 trace_size=args.trace_size,
                 trace_keep=args.trace_keep,
@@ -144,6 +152,20 @@ def _trace_keep(text: str) -> int:
     return keep
 
 
+MAX_UNMOUNT_WAIT = 3600.0
+
+
+def _unmount_wait(text: str) -> float:
+    """--unmount-wait S: a number of seconds from 0 to MAX_UNMOUNT_WAIT; ValueError otherwise."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds <= MAX_UNMOUNT_WAIT:  # nan fails too
+        raise ValueError(f"--unmount-wait {text!r}: give a number of seconds from 0 to {MAX_UNMOUNT_WAIT:g}")
+    return seconds
+
+
 def _mount_error(error: BaseException) -> MountError | None:
     """`error`, or the MountError inside the exception group a nursery made of it."""
     if isinstance(error, MountError):
@@ -169,6 +191,7 @@ def _daemonize(args: argparse.Namespace) -> int:
     if args.listen:
         command += ["--listen", args.listen]
     command += ["--trace-size", str(args.trace_size), "--trace-keep", str(args.trace_keep)]
+    command += ["--unmount-wait", args.unmount_wait]
     log_path = daemon_log_path(args.store)
     with open(log_path, "ab") as log_file:
         child = subprocess.Popen(
@@ -369,6 +392,14 @@ def main(argv: list[str] | None = None) -> int:
         default=TRACE_KEEP,
         metavar="N",
         help=f"older trace segments kept, trace.1 ... trace.N, in the store and the mount (default {TRACE_KEEP})",
+    )
+    mount.add_argument(
+        "--unmount-wait",
+        metavar="S",
+        default=str(RETURN_WAIT),
+        help=f"at unmount, wait up to S seconds for every kernel to return its changed pages (default {RETURN_WAIT:g}, "
+        f"at most {MAX_UNMOUNT_WAIT:g}; 0: do not ask, kernel processes keep them for the next daemon); "
+        "kernels that do not answer are named in the log and the trace",
     )
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     mount.set_defaults(run=_mount)

@@ -146,6 +146,7 @@ class PagerFS(pyfuse3.Operations):
         self.initialized = trio.Event()  # set when Linux's FUSE_INIT has been answered
         # Per data inode: the ranges Linux may hold in its page cache, and their release.
         self._page_cache: dict[int, PageCacheCopies] = {}
+        self.serving = True  # until the FUSE loop stops (stop_serving)
         manager.on_object_changed = self._object_changed
         # Each object's pager asks before a kernel may write (outside.py).
         manager.outside_copies = self._linux_copies_of
@@ -166,8 +167,17 @@ class PagerFS(pyfuse3.Operations):
         thread per grant for objects Linux never read."""
         copies = self._page_cache.get(inode)
         if copies is None:
-            copies = self._page_cache[inode] = PageCacheCopies(lambda: _drop_page_cache(inode), self.manager.spawn)
+            copies = self._page_cache[inode] = PageCacheCopies(lambda: self._drop_page_cache(inode), self.manager.spawn)
         return copies
+
+    def stop_serving(self) -> None:
+        """The FUSE loop has stopped: Linux's write-backs are served no more, so its cache is
+        not dropped from now on (a drop would wait for ever); it can take no new page either."""
+        self.serving = False
+
+    async def _drop_page_cache(self, inode: int) -> None:
+        if self.serving:
+            await _drop_page_cache(inode)
 
     async def page_cache_quiet(self) -> None:
         """Until no drop of Linux's cache is under way (the daemon calls it before it stops

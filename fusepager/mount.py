@@ -2,8 +2,10 @@
 
 `serve()` mounts a FileStore, runs its pagers, optional in-process kernels and their console,
 and unmounts in order when the mount is unmounted (fusermount3 -u, `fusepager umount`) or the
-process gets SIGINT or SIGTERM: first the FUSE loop stops, then the kernels shut down (their
-dirty pages come back to the pagers and into the store), then the store is closed.
+process gets SIGINT or SIGTERM: first the FUSE loop stops; then every kernel, in the daemon or
+in a process of its own, returns its changes while the connections are still open (a bounded
+wait; who did not is reported, see unmounting.py); then the kernel processes are hung up on,
+the daemon's own kernels shut down, and the store is closed.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .fs import PagerFS
 from .manager import FileManager
 from .store import FileStore, StoreError
 from .trace import TRACE_KEEP, TRACE_SEGMENT, Trace
+from .unmounting import RETURN_WAIT, gather_changes, hang_up_kernels
 
 log = logging.getLogger("fusepager.mount")
 
@@ -141,12 +144,21 @@ def unmount(mountpoint: str, *, wait: float = UNMOUNT_WAIT) -> str:
         return f"unmounted {mountpoint}" + (" (it was stale)" if state == "stale" else "")
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _running(pid):
             return f"unmounted {mountpoint}; daemon {pid} finished"
         time.sleep(0.05)
     return f"unmounted {mountpoint}; daemon {pid} is still finishing (kill it with: kill {pid})"
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` still runs: a zombie (finished, not yet reaped by its parent, such
+    as a script that started the daemon and has not waited for it yet) has finished."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def set_readahead(mountpoint: str, kilobytes: int) -> None:
@@ -205,11 +217,14 @@ async def serve(
     readahead_kb: int = READAHEAD_KB,
     default_manager: bool = True,
     listen: Address | None = None,
+    unmount_wait: float = RETURN_WAIT,
     on_ready=None,
     trace_size: int = TRACE_SEGMENT,
     trace_keep: int = TRACE_KEEP,
 ) -> None:
-    """Mount, serve until unmounted or signalled, then shut down in order."""
+    """Mount, serve until unmounted or signalled, then shut down in order: every kernel
+    returns its changes (for `unmount_wait` seconds at most), the kernel processes are hung up
+    on, the daemon's own kernels shut down, the store closes."""
     check_mountpoint(mountpoint)
     try:
         store = FileStore(store_path)
@@ -268,15 +283,29 @@ async def serve(
                     if on_ready is not None:
                         on_ready()
 
+                accepting = trio.CancelScope()
                 if listeners:
-                    nursery.start_soon(_accept_kernels, listeners, manager)
+                    nursery.start_soon(_accept_kernels, listeners, manager, nursery, accepting)
                     manager.trace.line(f"manager: kernels connect to {listen}")
 
-                with trio.CancelScope() as fuse_scope:
-                    nursery.start_soon(_cancel_on_signal, fuse_scope, operations)
+                stopping = _Stopping()
+                nursery.start_soon(_watch_signals, stopping, operations)
+                with stopping.fuse:
                     nursery.start_soon(when_serving)
                     await pyfuse3.main()
-                manager.trace.line("manager: unmounting; kernels shut down and return their pages")
+                # The FUSE loop has stopped (the mount is gone, or goes at pyfuse3.close); the
+                # pagers and the kernels' connections still run.  No new kernel comes in, and
+                # every kernel, in this process or not, returns its changes before anything
+                # closes; then the kernel processes are hung up on.
+                stopping.unmounting = True
+                # Nobody serves Linux's write-backs any more: a drop of its cache would wait for
+                # ever (the kernels' returns below would start some).
+                operations.stop_serving()
+                accepting.cancel()
+                _close_listeners(listeners, listen)
+                await gather_changes(manager, unmount_wait, stopping.stop_waiting)
+                await hang_up_kernels(manager)
+                manager.trace.line("manager: unmounting; the daemon's own kernels shut down and return their pages")
             # The kernels are down: what they returned is queued for the pagers.  Let it land.
             with trio.move_on_after(UNMOUNT_WAIT):
                 await manager.idle()
@@ -289,10 +318,13 @@ async def serve(
 
 
 def _close_listeners(listeners: list[trio.SocketListener], listen: Address | None) -> None:
-    for listener in listeners:
-        listener.socket.close()
+    """Stop listening and remove the socket file, once (the list is emptied): removing it again
+    later could remove the socket of a daemon started since on the same store."""
     if listen is not None and listeners:
         listen.remove()
+    for listener in listeners:
+        listener.socket.close()
+    listeners.clear()
 
 
 MAX_KERNEL_CONNECTIONS = 64
@@ -311,9 +343,13 @@ def default_listen(store_path: str) -> Address:
     return Address("unix", path=path)
 
 
-async def _accept_kernels(listeners: list[trio.SocketListener], manager: FileManager) -> None:
+async def _accept_kernels(
+    listeners: list[trio.SocketListener], manager: FileManager, home: trio.Nursery, accepting: trio.CancelScope
+) -> None:
     """Each kernel process that connects gets a connection whose bootstrap port is the name
-    service; its objects' control ports come through it as proxies."""
+    service; its objects' control ports come through it as proxies.  The connections live in
+    `home`, so that cancelling `accepting` (at unmount) stops new ones and leaves those open
+    for the kernels to return their changes."""
 
     async def serve(stream: trio.abc.Stream) -> None:
         if len(manager.connections) >= MAX_KERNEL_CONNECTIONS:
@@ -330,19 +366,38 @@ async def _accept_kernels(listeners: list[trio.SocketListener], manager: FileMan
         finally:
             manager.connections.discard(connection)
 
-    await trio.serve_listeners(serve, listeners)
+    with accepting:
+        await trio.serve_listeners(serve, listeners, handler_nursery=home)
 
 
-async def _cancel_on_signal(scope: trio.CancelScope, operations: PagerFS) -> None:
+class _Stopping:
+    """How the daemon stops: `fuse` is cancelled to stop the FUSE loop (a signal),
+    `stop_waiting` set to stop waiting for kernels at unmount (a signal then)."""
+
+    def __init__(self) -> None:
+        self.fuse = trio.CancelScope()
+        self.stop_waiting = trio.Event()
+        self.unmounting = False  # the FUSE loop has stopped: the kernels are being waited for
+
+
+async def _watch_signals(stopping: _Stopping, operations: PagerFS) -> None:
+    """SIGINT or SIGTERM unmounts; one more while kernels are returning their changes stops
+    waiting for them (what they did not return stays with them, and is reported)."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for number in signals:
-            log.warning("got %s: unmounting", signal.Signals(number).name)
-            # A drop of Linux's cache under way waits for write-backs this loop serves: stopping
-            # now would leave it (and the program whose pages it writes back) stuck for good.
-            with trio.move_on_after(PAGE_CACHE_WAIT):
-                await operations.page_cache_quiet()
-            scope.cancel()
-            return
+            name = signal.Signals(number).name
+            if not stopping.unmounting:
+                log.warning("got %s: unmounting", name)
+                # A drop of Linux's cache under way waits for write-backs this loop serves:
+                # stopping now would leave it (and the program whose pages it writes back)
+                # stuck for good.
+                with trio.move_on_after(PAGE_CACHE_WAIT):
+                    await operations.page_cache_quiet()
+                stopping.unmounting = True
+                stopping.fuse.cancel()
+            else:
+                log.warning("got %s while unmounting: not waiting any more for kernels to return their changes", name)
+                stopping.stop_waiting.set()
 
 
 def daemon_log_path(store_path: str) -> Path:

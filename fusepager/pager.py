@@ -1139,12 +1139,14 @@ class Pager:
         items = [(record, *record.round(offset, length), lock_value) for record in records]
         await self._lock_requests(items, should_return, should_flush)
 
-    async def _lock_requests(self, items: list[tuple[KernelRecord, int, int, int]], should_return: int, should_flush: bool) -> None:
+    async def _lock_requests(
+        self, items: list[tuple[KernelRecord, int, int, int]], should_return: int, should_flush: bool, *, lock_timeout: float = LOCK_TIMEOUT
+    ) -> None:
         """Send each (kernel, offset, size, lock_value) lock request, then wait for them all.
 
         While data may be on its way back, the kernel's range is marked as being revoked: a read
         of the store over it (by anyone) waits until the data has landed.  A kernel that does
-        not answer within LOCK_TIMEOUT raises LockTimeout (a dead kernel's waits just end)."""
+        not answer within `lock_timeout` raises LockTimeout (a dead kernel's waits just end)."""
         waits = []
         for record, start, size, lock_value in items:
             wait = _LockWait(start, size, flush=should_flush, lock_value=lock_value, should_return=should_return)
@@ -1180,7 +1182,7 @@ class Pager:
             waits.append((record, wait))
         silent = []
         for record, wait in waits:
-            with trio.move_on_after(LOCK_TIMEOUT) as scope:
+            with trio.move_on_after(lock_timeout) as scope:
                 await wait.done.wait()
             if scope.cancelled_caught:
                 self.trace.line(f"{self.name} gave up waiting for lock_completed from {record.label}")
@@ -1189,7 +1191,7 @@ class Pager:
             if wait.revocation is not None and wait.revocation in self.revoking:
                 self.revoking.remove(wait.revocation)
         if silent:
-            raise LockTimeout(f"no memory_object_lock_completed from {', '.join(silent)} within {LOCK_TIMEOUT:.0f} s")
+            raise LockTimeout(f"no memory_object_lock_completed from {', '.join(silent)} within {lock_timeout:.0f} s")
         # Pages served at once to a kernel while it flushed them (_supply_at_once) may have come
         # in after the flush: the same request takes them back, so the range is gone from the
         # kernel when this returns, as the caller expects.
@@ -1201,7 +1203,7 @@ class Pager:
                 if record.control.name in self.kernels and record.pagemap.held(low, high - low):
                     again.append((record, low, high - low, wait.lock_value))
         if again:
-            await self._lock_requests(again, should_return, should_flush)
+            await self._lock_requests(again, should_return, should_flush, lock_timeout=lock_timeout)
 
     def _lock_runs(self, record: KernelRecord, offset: int, length: int, lock_value: int) -> list[tuple[KernelRecord, int, int, int]]:
         """Lock requests that add `lock_value` to what a kernel holds of the range, run by run:
@@ -1355,6 +1357,41 @@ class Pager:
             raise PagerError(f"{len(self.unstored)} returned bytes still cannot be stored (kept in memory): {last}", last.reason, last.errno)
         if not self.unstored:
             self.write_refusal = None  # whatever had to be stored was: kernels may write again
+
+    async def sync_every_kernel(self, within: trio.CancelScope) -> list[tuple[str, list[int], int]]:
+        """At unmount: every ready kernel returns its changes, as with `sync` over the whole
+        object, but asked of every kernel, not only of those holding pages writable: its answer
+        also means whatever it returned of its own accord before (pages kept from a lost
+        manager) has arrived.  Kernels that have not answered when `within` (a cancel scope
+        entered here: its deadline, or a cancel: no LOCK_TIMEOUT here) ends the wait are not
+        waited for any more (their requests count as answered; what they return while their
+        connection lasts is still taken).  Returns each one's label with the pages it held
+        writable (it may have changed them) and its page size, for the caller to report."""
+        records = [record for record in self.kernels.values() if record.ready]
+        if not records:
+            return []
+        length = await self._length(0, None)
+        writable = {record.label: record.pagemap.writable() for record in records}
+        # Answers are matched to requests in order (_lock_completed): a kernel that answered
+        # all of these has as many requests in line afterwards as before them.
+        waiting_before = {record.label: len(self._lock_waits.get(record.control.name, ())) for record in records}
+        with within:
+            try:
+                await self._lock_requests(
+                    self._lock_items(records, 0, length, VM_PROT_WRITE), MEMORY_OBJECT_RETURN_DIRTY, False, lock_timeout=float("inf")
+                )
+            except LockTimeout:
+                pass  # (not raised without a lock timeout; those that did not answer are named below)
+        silent = [
+            record
+            for record in records
+            if record.control.name in self.kernels and len(self._lock_waits.get(record.control.name, ())) > waiting_before[record.label]
+        ]
+        for record in silent:
+            self.trace.line(f"{self.name} gave up waiting for {record.label} to return its changes")
+            for wait in self._lock_waits.get(record.control.name, ()):
+                wait.done.set()  # left in line: a late lock_completed still finds its request
+        return [(record.label, writable[record.label], record.page_size) for record in silent]
 
     async def _store_unstored(self, offset: int, length: int | None) -> None:
         """Try again to store the kept bytes that overlap the range, whole pages at a time (the

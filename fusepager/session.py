@@ -230,6 +230,8 @@ class KernelProcess(_Child):
         memory_pages: int = 256,
         cluster_pages: int = 1,
         retries: int = 10,
+        fault_warning: float | None = None,
+        fault_timeout: float | None = None,
         workdir: str | Path,
     ) -> None:
         self.name = name
@@ -237,8 +239,13 @@ class KernelProcess(_Child):
         command = [
             sys.executable, "-m", "kernelsim", "run", "--connect", address, "--name", name,
             "--page-size", str(page_size), "--memory", str(memory_pages), "--cluster", str(cluster_pages),
-            "--retries", str(retries), "-",
+            "--retries", str(retries),
         ]  # fmt: skip
+        if fault_warning is not None:
+            command += ["--fault-warning", str(fault_warning)]
+        if fault_timeout is not None:
+            command += ["--fault-timeout", str(fault_timeout)]
+        command.append("-")
         self._start(command, Path(workdir) / f"kernel-{name}.stderr")
         try:
             while True:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import dataclasses
+import os
 import sys
 import typing
+from functools import partial
 
 from . import __version__, messages
 
@@ -62,11 +63,17 @@ def list_messages(direction: str | None) -> None:
         print(f"{cls.msg_id:>5}  {cls.mach_name:<36} {_field_text(cls)}")
 
 
+MAX_RETRIES = 1_000_000
+
 HELP_EPILOG = """\
 console commands (one a line; 'help' lists them all):
   map NAME SIZE          map the manager's object NAME     read WHERE LEN [text]
   write WHERE TEXT       writehex WHERE HEX                 fork [NAME]   task NAME
   copy WHERE SIZE WHERE  protect WHERE SIZE PROT            region WHERE  stat   sync
+
+stat answers at once, even while an earlier command waits for its manager: the counters, then
+faults_waiting=N longest_wait=SECONDS, then a line '# fault object NAME offset OFFSET: waiting
+S s for manager MANAGER to answer CALL' for each fault waiting.
 """
 
 
@@ -74,6 +81,7 @@ def _run(args: argparse.Namespace) -> int:
     import trio
 
     from .interface import KernError
+    from .manager_wait import FAULT_WARNING
     from .node import NodeError, run
     from .transport import Address
 
@@ -82,14 +90,23 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"kernelsim run: {error}", file=sys.stderr)
         return 2
-    if args.retries < 1:
-        print("kernelsim run: --retries must be at least 1", file=sys.stderr)
+    if not 0 <= args.retries <= MAX_RETRIES:
+        print(f"kernelsim run: --retries {args.retries}: give 0 (no limit) to {MAX_RETRIES}", file=sys.stderr)
+        return 2
+    try:
+        fault_warning = _seconds(args.fault_warning, "--fault-warning", zero_allowed=True)
+        fault_timeout = _seconds(args.fault_timeout, "--fault-timeout", zero_allowed=False)
+    except ValueError as error:
+        print(f"kernelsim run: {error}", file=sys.stderr)
         return 2
     if args.script not in (None, "-") and not os.path.isfile(args.script):
         print(f"kernelsim run: {args.script}: no such script", file=sys.stderr)
         return 2
     try:
-        trio.run(run, address, args.name, args.page_size, args.memory, args.cluster, args.script, args.retries)
+        trio.run(
+            partial(run, fault_warning=FAULT_WARNING if fault_warning is None else fault_warning, fault_timeout=fault_timeout),
+            address, args.name, args.page_size, args.memory, args.cluster, args.script, args.retries,
+        )  # fmt: skip
     except KeyboardInterrupt:
         return 130
     except (KernError, NodeError, BaseExceptionGroup) as error:
@@ -99,6 +116,25 @@ def _run(args: argparse.Namespace) -> int:
         print(f"kernelsim run: {reason}", file=sys.stderr)
         return 1
     return 0
+
+
+def _seconds(text: str | None, option: str, *, zero_allowed: bool) -> float | None:
+    """A number of seconds given on the command line, range-checked (manager_wait); None if
+    the option was not given.  ValueError with what is accepted otherwise."""
+    from .interface import KernInvalidArgument
+    from .manager_wait import MAX_WAIT_SETTING, check_wait_setting
+
+    if text is None:
+        return None
+    accepted = f"from 0 to {MAX_WAIT_SETTING:.0f} (a week)" if zero_allowed else f"above 0, at most {MAX_WAIT_SETTING:.0f} (a week)"
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ValueError(f"{option} {text!r}: not a number of seconds (give one {accepted})") from None
+    try:
+        return check_wait_setting(seconds, option.lstrip("-").replace("-", " "), zero_allowed=zero_allowed)
+    except KernInvalidArgument:
+        raise ValueError(f"{option} {text!r}: give a number of seconds {accepted}") from None
 
 
 def _expected(error: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
@@ -134,9 +170,16 @@ Each command gets one answer line starting with 'ok' or 'error'; lines starting 
 are information (connecting, losing the manager, reconnecting).
 
 At the end of the commands the kernel returns the pages its tasks changed, then exits. If
-the manager dies, faults on its objects fail at once (KERN_MEMORY_ERROR), the changed pages
-are kept, and the kernel reconnects (--retries attempts, every half second); mapping an
-object again (unmap NAME, map NAME SIZE) returns the kept pages to the manager first.""",
+the manager goes (unmounted, killed), faults on its objects fail at once (KERN_MEMORY_ERROR),
+the changed pages are kept, and the kernel reconnects for as long as it takes (a try every 2 s
+at most): when a manager serves the address again, the kept pages go back to it, and mapping
+an object again (unmap NAME, map NAME SIZE) works.  With kept pages and no manager at the end
+of the commands, it waits for one before exiting (interrupt it to drop them).
+
+A fault waits for its manager's answer as long as it takes (as on Mach); after
+--fault-warning seconds the kernel prints a '# warning:' line naming the object, the offset
+and the manager, and `stat` lists the waiting faults.  With --fault-timeout S a fault that
+waited S seconds fails instead with KERN_MEMORY_ERROR (an 'error' answer naming the offset).""",
         epilog=HELP_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -145,7 +188,20 @@ object again (unmap NAME, map NAME SIZE) returns the kept pages to the manager f
     node.add_argument("--page-size", type=int, default=4096, help="a power of two, at least 4096 (default 4096)")
     node.add_argument("--memory", type=int, default=1024, metavar="PAGES", help="page frames (default 1024)")
     node.add_argument("--cluster", type=int, default=1, metavar="PAGES", help="pages per data request (default 1)")
-    node.add_argument("--retries", type=int, default=10, help="connection attempts in a row before giving up (default 10)")
+    node.add_argument(
+        "--retries", type=int, default=10,
+        help="attempts at the first connection before giving up (default 10, every half second; 0: no limit); "
+        "once connected, a lost manager is tried again with no limit",
+    )  # fmt: skip
+    node.add_argument(
+        "--fault-warning", metavar="S", default=None,
+        help="warn about a fault that has waited S seconds for its manager (default 5; 0: never)",
+    )  # fmt: skip
+    node.add_argument(
+        "--fault-timeout", metavar="S", default=None,
+        help="fail a fault that has waited S seconds for its manager with KERN_MEMORY_ERROR "
+        "(default: wait as long as it takes, as Mach does)",
+    )  # fmt: skip
     node.add_argument("script", nargs="?", help="a file of commands, or - (the default) for standard input")
     args = parser.parse_args(argv)
     if args.command == "messages":

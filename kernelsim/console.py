@@ -42,6 +42,7 @@ from .interface import (
 )
 from .ipc_port import SendRight
 from .kernel import Kernel
+from .manager_wait import waiting_report
 from .task import Task
 
 log = logging.getLogger("kernelsim.console")
@@ -72,7 +73,7 @@ commands (answers start with 'ok' or 'error'):
   task NAME                   make task NAME the current one
   tasks                       list the tasks
   sync [NAME]                 send the pages tasks changed to their managers (they stay cached)
-  stat                        the kernel's counters
+  stat                        the kernel's counters, and the faults waiting for a manager
   help                        this text
 WHERE is an address (0x10000, 65536) or NAME[+OFFSET] for a mapping made with 'map'.
 Numbers may end in K, M, G or T (x1024): map big 1T.
@@ -409,11 +410,16 @@ class Console:
 
     async def do_stat(self, rest: str) -> str:
         counters = " ".join(f"{key}={value}" for key, value in self.kernel.stats.as_dict().items())
+        # Faults waiting for a manager: how many and the longest wait on the answer line, then
+        # one information line each (object, offset, manager, seconds), longest first.
+        waiting = waiting_report(self.kernel)
+        longest = max((fault.waited() for fault in self.kernel.waiting_faults), default=0.0)
         return (
             f"stat kernel={self.kernel.name} page_size={self.kernel.page_size} "
             f"resident={self.kernel.resident.count} peak={self.kernel.resident.peak} "
-            f"limit={self.kernel.resident.limit} {counters}"
-        )
+            f"limit={self.kernel.resident.limit} {counters} "
+            f"faults_waiting={len(waiting)} longest_wait={longest:.1f}"
+        ) + "".join(f"\n# fault {line}" for line in waiting)
 
 
 

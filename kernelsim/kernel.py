@@ -12,8 +12,9 @@ kernel in another process ([5/8]) looks the same to them.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 
@@ -22,11 +23,15 @@ import trio
 from .codec import MAX_DATA
 from .interface import VM_INHERIT_COPY, VM_INHERIT_SHARE, KernInvalidArgument, KernResourceShortage
 from .ipc_port import SendRight, port_allocate
+from .manager_wait import FAULT_WARNING, WaitingFault, check_wait_setting, fault_watchdog, wait_for_manager
 from .memory_object import ControlServer, NotifyServer
+from .messages import MemoryObjectDataReturn, Message
 from .task import Task
 from .vm_object import ObjectTable, VMObject
 from .vm_page import Page, ResidentMemory
 from .vm_pageout import make_room, pageout_daemon, send_return
+
+log = logging.getLogger("kernelsim.kernel")
 
 MIN_PAGE_SIZE = 4096
 MAX_PAGE_SIZE = 1 << 24
@@ -63,6 +68,7 @@ class KernelStats:
     pageout_daemon_runs: int = 0
     partial_pages_discarded: int = 0
     refused_calls: int = 0
+    fault_timeouts: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {field.name: getattr(self, field.name) for field in fields(self)}
@@ -93,6 +99,8 @@ class Kernel:
         cluster_pages: int = 1,
         pageout_cluster: int = 16,
         read_ahead: int | None = None,
+        fault_warning: float = FAULT_WARNING,
+        fault_timeout: float | None = None,
     ) -> None:
         check_configuration(page_size, memory_pages, cluster_pages)
         self.name = name
@@ -118,6 +126,13 @@ class Kernel:
         self.running = True
         # Pages tasks changed in objects whose manager died, by object name (see manager_died).
         self.orphans: dict[str, dict[int, bytes]] = {}
+        # Faults waiting for a manager's answer (manager_wait): warned about after
+        # `fault_warning` seconds (0: never), failed after `fault_timeout` (None: never, as Mach).
+        self.fault_warning: float = check_wait_setting(fault_warning, "fault warning", zero_allowed=True)  # type: ignore[assignment]
+        self.fault_timeout: float | None = check_wait_setting(fault_timeout, "fault timeout", zero_allowed=False)
+        self.waiting_faults: set[WaitingFault] = set()
+        # Where warnings go (a kernel process prints them as '#' lines); by default, the log.
+        self.on_warning: Callable[[str], None] = lambda text: log.warning("kernel %s: %s", self.name, text)
 
     def __repr__(self) -> str:
         return f"<kernel {self.name} page_size={self.page_size} memory={self.resident.limit}>"
@@ -129,6 +144,11 @@ class Kernel:
     def note(self, event: str) -> None:
         """Keep a line about something the kernel did or refused, for whoever is watching."""
         self.events.append(event)
+
+    def warn(self, text: str) -> None:
+        """Something a person should hear of now (a fault waiting long for its manager)."""
+        self.note(text)
+        self.on_warning(text)
 
     async def task_create(self, parent: Task | None = None, inherit_memory: bool = True, name: str | None = None) -> Task:
         """A new task; with a parent and inherit_memory, its map is built from the parent's by
@@ -187,25 +207,66 @@ class Kernel:
 
     async def return_orphans(self, object: VMObject) -> int:
         """Give a manager that came back the pages tasks had changed in an object of this name
-        before its predecessor died; returns how many pages went."""
-        kept = self.orphans.pop(object.tag, None) if object.tag is not None else None
-        if not kept:
+        before its predecessor died; returns how many pages went.
+
+        The kept pages stay kept until the new manager is ready and each has been sent: a
+        manager that dies (or does not answer within the fault timeout) meanwhile leaves the
+        rest kept for the next one."""
+        tag = object.tag
+        if tag is None or tag not in self.orphans:
             return 0
         if not object.pager_initialized:
             self.objects.pager_init(object)
-        await object.wait_ready()
-        if not object.alive:
-            self.orphans[object.tag] = kept  # type: ignore[index]
-            return 0
-        for offset in sorted(kept):
-            page = object.pages.get(offset)
-            if page is not None and not page.absent:
-                # Resident already (read before this call): the kept data wins, as the newer.
-                page.data = bytearray(kept[offset])
-                page.dirty = True
-                continue
-            send_return(object, offset, kept[offset])
-        return len(kept)
+        await wait_for_manager(object, 0, "memory_object_init", object.wait_ready)
+        kept = self.orphans.pop(tag, None)
+        if not kept:
+            return 0  # another caller returned them while this one waited
+        order = sorted(kept)
+        for index, offset in enumerate(order):
+            if object.alive:
+                page = object.pages.get(offset)
+                if page is not None and not page.absent:
+                    # Resident already (read before this call): the kept data wins, as the newer.
+                    page.data = bytearray(kept[offset])
+                    page.dirty = True
+                    continue
+                send_return(object, offset, kept[offset])
+            if not object.alive:
+                # Its manager died: what did not go is kept again (pages the object held, kept
+                # by manager_died, are newer and win).
+                again = self.orphans.setdefault(tag, {})
+                for rest in order[index:]:
+                    again.setdefault(rest, kept[rest])
+                return index
+        return len(order)
+
+    async def return_kept_pages(self, name: str, pager: SendRight) -> int:
+        """Return the pages kept for object `name` to the manager of memory object `pager`
+        (the object of that name at a manager that came back), through a VM object of
+        this kernel's for it that goes again once they are sent; how many went."""
+        object = self.objects.enter(pager)
+        self.objects.reference(object)
+        if object.tag is None:
+            object.tag = name
+        try:
+            return await self.return_orphans(object)
+        finally:
+            self.objects.deallocate(object)
+
+    def keep_undelivered(self, message: Message) -> None:
+        """A message to a manager that its connection closed before writing: the pages of a
+        dirty data_return are kept for the manager's successor, as if they had still been
+        dirty here when the manager died (manager_died keeps those, and runs after this)."""
+        if not isinstance(message, MemoryObjectDataReturn) or not message.dirty:
+            return
+        object = self.objects.lookup_control(message.control.port.name)
+        if object is None or object.tag is None:
+            self.warn(f"lost {len(message.data)} returned bytes at {message.offset:#x}: their connection closed, and the object has no name to keep them by")
+            return
+        kept = self.orphans.setdefault(object.tag, {})
+        for start in range(0, len(message.data), self.page_size):
+            kept[message.offset + start] = bytes(message.data[start : start + self.page_size])
+        self.note(f"kept {len(message.data)} bytes of {object.tag} at {message.offset:#x}: the data_return was not delivered")
 
     def vm_sync(self, object: VMObject) -> int:
         """Return the object's changed pages to its manager, keeping clean copies (a kernel's
@@ -238,17 +299,27 @@ async def boot(
     cluster_pages: int = 1,
     pageout_cluster: int = 16,
     read_ahead: int | None = None,
+    fault_warning: float = FAULT_WARNING,
+    fault_timeout: float | None = None,
 ) -> AsyncIterator[Kernel]:
     """Run a kernel for the duration of the block, with its pageout daemon; it shuts down in
     order at the end.  `read_ahead`: clusters asked for ahead of a sequential reader (by
     default READ_AHEAD_CLUSTERS with clusters of READ_AHEAD_MIN_CLUSTER pages or more, else
-    none)."""
+    none).  `fault_warning`, `fault_timeout`: see manager_wait."""
     kernel = Kernel(
-        name, page_size, memory_pages, cluster_pages=cluster_pages, pageout_cluster=pageout_cluster, read_ahead=read_ahead
+        name,
+        page_size,
+        memory_pages,
+        cluster_pages=cluster_pages,
+        pageout_cluster=pageout_cluster,
+        read_ahead=read_ahead,
+        fault_warning=fault_warning,
+        fault_timeout=fault_timeout,
     )
     async with trio.open_nursery() as nursery:
         kernel.nursery = nursery  # the home of the kernel's daemons
         nursery.start_soon(pageout_daemon, kernel)
+        nursery.start_soon(fault_watchdog, kernel)
         try:
             yield kernel
         finally:

@@ -186,6 +186,7 @@ class Connection:
         local_name: str,
         bootstrap: ReceiveRight | None = None,
         on_log: Callable[[str], None] | None = None,
+        on_undelivered: Callable[[Message], None] | None = None,
     ) -> None:
         self.stream = stream
         self.local_name = local_name
@@ -208,9 +209,15 @@ class Connection:
         self._watched: dict[int, tuple[str, int]] = {}  # port name -> what dies with it
         # Frames, encoded when queued: bytes, or for a long one its pieces (`_Pieces`).
         self._outgoing: deque[bytes | _Pieces] = deque()
+        # With `on_undelivered`: the messages whose frames are not yet all written (waiting in
+        # `_outgoing`, or in the writer's hands), told to it if the connection closes first.
+        self._on_undelivered = on_undelivered
+        self._unwritten: deque[Message] = deque()
+        self._in_flight: list[Message] = []
         self._wake_writer = trio.lowlevel.ParkingLot()
         self._written = trio.lowlevel.ParkingLot()
         self._writing = False
+        self._eof_sent = False  # hang_up: our side is shut for writing
         # A socket's frames are written at once by the sender when nothing is queued before
         # them: no hop through the writer task, which only finishes what did not fit.
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
@@ -309,6 +316,7 @@ class Connection:
         self.closed.set()
         self.settled.set()
         self._written.unpark_all()
+        self._tell_undelivered()
         for right in list(self._proxies.values()):
             right.destroy()
         self._proxies.clear()
@@ -321,6 +329,21 @@ class Connection:
         for port in list(self._export_of) + list(self._moved_in_of):
             SendRight(port).cancel_dead_name(notify)
         self._notify.destroy()
+
+    def _tell_undelivered(self) -> None:
+        """The connection is closing: the messages not written to the socket never reach the
+        peer; whoever asked hears of each (a kernel keeps the pages a data_return carried).
+        Told before the peer's proxies die, while what they concern is still alive."""
+        undelivered = self._in_flight + list(self._unwritten)
+        self._in_flight = []
+        self._unwritten.clear()
+        if self._on_undelivered is None:
+            return
+        for message in undelivered:
+            try:
+                self._on_undelivered(message)
+            except Exception:
+                log.exception("%s: handling an undelivered %s failed", self, message.mach_name)
 
     def _hello_payload(self) -> bytes:
         name = self.local_name.encode()
@@ -409,6 +432,9 @@ class Connection:
             if self.closed.is_set():
                 return
             self.close_reason = self.close_reason or "closed"  # by us, whatever the peer does next
+            # Nothing more goes out: a frame written after the end of the stream would fail
+            # (EPIPE) and end the connection before the peer has closed its side.
+            self._eof_sent = True
             try:
                 await self.stream.send_eof()
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError):
@@ -438,6 +464,10 @@ class Connection:
             # it is, never copied.
             frames = list(self._outgoing)
             self._outgoing.clear()
+            if self._on_undelivered is not None:
+                # Written (to the socket) once every send_all below has returned.
+                self._in_flight = list(self._unwritten)
+                self._unwritten.clear()
             batch: list[bytes | memoryview] = []
             for frame in frames:
                 for piece in frame.pieces if isinstance(frame, _Pieces) else (frame,):
@@ -450,9 +480,10 @@ class Connection:
                     await self.stream.send_all(piece)
             if batch:
                 await self.stream.send_all(b"".join(batch))
+            self._in_flight = []
 
     def _queue(self, destination: int, message: Message) -> None:
-        if self.closed.is_set():
+        if self.closed.is_set() or self._eof_sent:
             message.destroy_rights()
             raise MachSendInvalidDest(destination & ~YOURS)
         if len(self._outgoing) >= MAX_OUTGOING:
@@ -469,17 +500,18 @@ class Connection:
         length = sum(map(len, body))
         body.insert(0, HEADER.pack(U64.size + length + 1, MESSAGE) + U64.pack(destination))
         # A long message (pages) goes as its pieces, so its data is never copied here.
-        self._send_frame(_Pieces(body) if length >= LONG_WRITE else b"".join(body))
+        self._send_frame(_Pieces(body) if length >= LONG_WRITE else b"".join(body), message)
         # Messages that were waiting on a port this one moved to the peer go after it, when
         # the peer knows the port.
         for name, waiting in moving:
             self._queue(name, waiting)
 
     def _queue_dead(self, reference: int) -> None:
-        if not self.closed.is_set():
+        # After our end of the stream the peer hears of every death as the connection closes.
+        if not self.closed.is_set() and not self._eof_sent:
             self._send_frame(HEADER.pack(U64.size + 1, DEAD) + U64.pack(reference))
 
-    def _send_frame(self, frame: bytes | _Pieces) -> None:
+    def _send_frame(self, frame: bytes | _Pieces, message: Message | None = None) -> None:
         if self._fd is not None and not self._outgoing and not self._writing:
             pieces = isinstance(frame, _Pieces)
             try:
@@ -497,6 +529,8 @@ class Connection:
                     return
                 frame = frame[written:]
         self._outgoing.append(frame)
+        if message is not None and self._on_undelivered is not None:
+            self._unwritten.append(message)
         self._wake_writer.unpark()
 
     # -- incoming ----------------------------------------------------------------------------

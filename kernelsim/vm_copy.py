@@ -27,6 +27,7 @@ from .interface import (
     KernResourceShortage,
     MachSendInvalidDest,
 )
+from .manager_wait import wait_for_manager
 from .messages import MemoryObjectCopy
 from .vm_fault import _Restart, _WaitForMemory, fault_page
 
@@ -76,7 +77,7 @@ async def _strategy(source: VMObject) -> int:
     # The strategy comes with memory_object_ready: introduce the object first if need be.
     if not source.pager_initialized:
         source.kernel.objects.pager_init(source)
-    await source.wait_ready()
+    await wait_for_manager(source, 0, "memory_object_init", source.wait_ready)
     if not source.alive:
         raise KernMemoryError(0, source.death_reason, source.death_message)
     return source.copy_strategy

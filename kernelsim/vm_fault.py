@@ -12,6 +12,8 @@ The fault looks for the page in the mapped object, then down its shadow chain:
 A write to a page found in a shadow copies it into the mapped object first (copy-on-write); a
 write to an object that has a delayed copy gives the copy the old page first (a push).
 A data_error, a destroy or the manager's death fails the fault with KernMemoryError.
+Every wait for the manager's answer goes through manager_wait.wait_for_manager: a fault that
+waits long is warned about and listed by `stat`, and fails after the kernel's fault timeout.
 A kernel with read-ahead also asks for the clusters after a sequential reader's (_read_ahead).
 Tasks reach resident pages that need no fault without coming here (Task._resident_run).
 """
@@ -29,6 +31,7 @@ from .interface import (
     KernResourceShortage,
     MachSendInvalidDest,
 )
+from .manager_wait import wait_for_manager
 from .messages import MemoryObjectDataRequest, MemoryObjectDataUnlock
 
 if TYPE_CHECKING:
@@ -134,7 +137,7 @@ async def fault_page(
 async def _usable(object: VMObject, page: Page, access: int) -> None:
     """Return if the page can be used for `access` now; otherwise wait and raise _Restart."""
     if page.absent:
-        await page.wait()
+        await wait_for_manager(object, page.offset, "memory_object_data_request", page.wait)
         if page.error is not None:
             raise KernMemoryError(page.offset, page.error, "memory_object_data_error from the manager")
         raise _Restart
@@ -149,7 +152,7 @@ async def _usable(object: VMObject, page: Page, access: int) -> None:
                 length=object.kernel.page_size,
                 desired_access=access,
             ))
-        await page.wait()
+        await wait_for_manager(object, page.offset, "memory_object_data_unlock", page.wait)
         raise _Restart
 
 
@@ -191,7 +194,7 @@ async def _page_in(
     if not object.pager_initialized:
         kernel.objects.pager_init(object)
     if not object.ready:
-        await object.wait_ready()
+        await wait_for_manager(object, offset, "memory_object_init", object.wait_ready)
         return  # the fault restarts: the map may have changed while it waited
 
     wanted = kernel.cluster_pages if cluster_end is not None else 1
@@ -238,7 +241,7 @@ async def _page_in(
             _read_ahead(object, offset + ahead * cluster_size, cluster_end)  # type: ignore[arg-type]
         if not object.alive:
             return  # its manager died: the fault restarts and finds that out
-    await pages[0].wait()
+    await wait_for_manager(object, offset, "memory_object_data_request", pages[0].wait)
     if pages[0].error is not None:
         raise KernMemoryError(offset, pages[0].error, "memory_object_data_error from the manager")
 

@@ -61,6 +61,7 @@ def return_pages(object: VMObject, pages: list[Page], *, kernel_copy: bool) -> N
             dirty=run[0].dirty,
             kernel_copy=kernel_copy,
         )
+        dirty = [page for page in run if page.dirty]
         for page in run:
             page.dirty = False
         kernel.stats.data_returns += 1
@@ -68,6 +69,10 @@ def return_pages(object: VMObject, pages: list[Page], *, kernel_copy: bool) -> N
         try:
             object.pager.send(message)
         except MachSendInvalidDest:
+            # Not sent: the changes are still only here, to be kept as the manager's death keeps
+            # dirty pages (manager_died), not dropped as if returned.
+            for page in dirty:
+                page.dirty = True
             kernel.objects.manager_died(object)
             return
 

@@ -72,3 +72,23 @@ def process_mapped(tmp_path):
             yield session, k1, obj
         finally:
             k1.close(timeout=10)
+
+
+@pytest.fixture
+def kernels(tmp_path):
+    """Start kernel processes (`kernelsim run --connect`) with `kernels(address, name, ...)`
+    (KernelProcess's options); all of them are ended, by PID, whatever happens."""
+    from fusepager.session import KernelProcess
+
+    started: list[KernelProcess] = []
+
+    def start(address: str, name: str, **options) -> KernelProcess:
+        process = KernelProcess(address, name, workdir=tmp_path, **options)
+        started.append(process)
+        return process
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            process.close(timeout=10)

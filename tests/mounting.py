@@ -8,6 +8,9 @@ import time
 from pathlib import Path
 
 SHELL_TIMEOUT = 60
+GENEROUS = 30.0
+"""Seconds to wait for something that happens at once on an idle machine: a bound that only a
+hang reaches, not a measure of speed (the suite runs beside other work on two cores)."""
 
 
 def sh(command: str, *, check: bool = True, input: str | None = None, timeout: float = SHELL_TIMEOUT) -> subprocess.CompletedProcess[str]:

@@ -196,7 +196,7 @@ async def test_a_request_dispatched_just_before_a_flush_of_its_kernel_is_served_
                 return
             request_pages(kernel, offset, length, access)
 
-        def dispatch_it_then_flush(items, should_return, should_flush):
+        def dispatch_it_then_flush(items, should_return, should_flush, **options):
             # ... and handed to the engine right before the flush of k1 is sent, in the flushing
             # task, with no checkpoint between: the request's task cannot have run.  (Before
             # the flush is registered, too: a request dispatched after that is served at once
@@ -204,7 +204,7 @@ async def test_a_request_dispatched_just_before_a_flush_of_its_kernel_is_served_
             if should_flush and held and not released and any(item[0] is record for item in items):
                 released.append(held[0])
                 request_pages(*held[0])
-            return lock_requests(items, should_return, should_flush)
+            return lock_requests(items, should_return, should_flush, **options)
 
         pager._request_pages = hold_k1s_request
         pager._lock_requests = dispatch_it_then_flush
