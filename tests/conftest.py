@@ -56,22 +56,10 @@ def process_mapped(tmp_path):
     (`kernelsim run --connect`) mapping it, having written `kernel bytes` at +100 and returned
     the page (`sync`); the mount, the daemon and k1 are ended by PID whatever happens.
     Yields (session, k1, the object's directory in the mount)."""
-    import subprocess
+    from mounting import mapped_by_kernel_process
 
-    from fusepager.session import KernelProcess, MountSession
-
-    with MountSession(tmp_path / "store", tmp_path / "mnt", []) as session:
-        obj = session.mountpoint / "objects" / "h"
-        subprocess.run(["mkdir", str(obj)], check=True)
-        subprocess.run(["truncate", "-s", "64K", str(obj / "data")], check=True)
-        k1 = KernelProcess(session.listen_address, "k1", workdir=tmp_path)
-        try:
-            k1.command("map h 64K")
-            k1.command("write h+100 kernel bytes")
-            k1.command("sync")
-            yield session, k1, obj
-        finally:
-            k1.close(timeout=10)
+    with mapped_by_kernel_process(tmp_path, "h", ("write h+100 kernel bytes", "sync")) as mapped:
+        yield mapped
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import threading
 import time
@@ -144,3 +145,25 @@ class TailFollow:
         self.process.wait(timeout=30)
         for thread in self._threads:
             thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def mapped_by_kernel_process(tmp_path: Path, name: str, setup: tuple[str, ...] = ()):
+    """A real mount listening for kernel processes, a 64 KiB object `name`, and kernel process
+    k1 (`kernelsim run --connect`) mapping it whole, having run the console commands `setup`;
+    the mount, the daemon and k1 are ended by PID whatever happens.
+    Yields (session, k1, the object's directory in the mount)."""
+    from fusepager.session import KernelProcess, MountSession
+
+    with MountSession(tmp_path / "store", tmp_path / "mnt", []) as session:
+        obj = session.mountpoint / "objects" / name
+        subprocess.run(["mkdir", str(obj)], check=True)
+        subprocess.run(["truncate", "-s", "64K", str(obj / "data")], check=True)
+        k1 = KernelProcess(session.listen_address, "k1", workdir=tmp_path)
+        try:
+            k1.command(f"map {name} 64K")
+            for command in setup:
+                k1.command(command)
+            yield session, k1, obj
+        finally:
+            k1.close(timeout=10)

@@ -21,7 +21,7 @@ from fusepager.session import KernelProcess, MountSession
 from kernelsim import codec, messages as m
 from kernelsim.interface import MACH_MSG_TYPE_PORT_RECEIVE, MACH_MSG_TYPE_PORT_SEND, MACH_MSG_TYPE_PORT_SEND_ONCE
 from kernelsim.transport import DEAD, HELLO, MAX_FRAME, MESSAGE
-from mounting import wait_until
+from mounting import mapped_by_kernel_process, wait_until
 from rawpeer import Placeholder, RawPeer, frame, hello_payload, message_payload, yours
 
 FUZZ_FRAMES = 10_000
@@ -41,16 +41,8 @@ def _read(path: Path) -> bytes:
 def served(tmp_path):
     """A mount listening for kernels, an object `shared` of 64 KiB, and kernel process k1
     mapping it; all ended by PID whatever happens."""
-    with MountSession(tmp_path / "store", tmp_path / "mnt", []) as session:
-        obj = session.mountpoint / "objects" / "shared"
-        subprocess.run(["mkdir", str(obj)], check=True)
-        subprocess.run(["truncate", "-s", "64K", str(obj / "data")], check=True)
-        k1 = KernelProcess(session.listen_address, "k1", workdir=tmp_path)
-        try:
-            k1.command("map shared 64K")
-            yield session, k1, obj
-        finally:
-            k1.close(timeout=10)
+    with mapped_by_kernel_process(tmp_path, "shared") as mapped:
+        yield mapped
 
 
 # -- the fuzz ---------------------------------------------------------------------------------
