@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -122,9 +123,49 @@ def check_mountpoint(mountpoint: str) -> None:
         raise MountError(f"mount point {mountpoint} is not a directory")
 
 
+ANSWER_WAIT = 5.0
+"""Seconds `unmount` waits for the daemon to answer a stat of its mount point."""
+
+
+class _NoAnswer(Exception):
+    """The daemon did not answer in time (stopped, or hung)."""
+
+
+def _answered(call, timeout: float):
+    """`call()`'s result, or _NoAnswer if it has not returned within `timeout` seconds.  It runs
+    in a thread of its own: a request to a stopped daemon waits for ever, and only this
+    process's exit ends that wait."""
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as error:  # handed to the caller below
+            box["error"] = error
+
+    thread = threading.Thread(target=run, name="ask the daemon", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise _NoAnswer
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]
+
+
 def unmount(mountpoint: str, *, wait: float = UNMOUNT_WAIT) -> str:
     """Unmount a fusepager mount (live or stale) and wait for its daemon to finish; a message."""
-    state = mount_state(mountpoint)
+    try:
+        state = _answered(lambda: mount_state(mountpoint), ANSWER_WAIT)
+    except _NoAnswer:
+        # Our stat waits in the mount, so only a lazy unmount can take it away now.
+        result = subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise MountError(f"fusermount3 -u -z {mountpoint} failed: {result.stderr.strip()}") from None
+        return (
+            f"unmounted {mountpoint}; its daemon does not answer (stopped or hung: see its state with ps), "
+            "and finishes once it runs again"
+        )
     if state == "free":
         raise MountError(f"{mountpoint} is not mounted")
     if state == "other":
@@ -132,8 +173,8 @@ def unmount(mountpoint: str, *, wait: float = UNMOUNT_WAIT) -> str:
     pid = None
     if state == "mounted":
         try:
-            pid = int(os.getxattr(mountpoint, "user.fusepager.pid"))
-        except (OSError, ValueError):
+            pid = int(_answered(lambda: os.getxattr(mountpoint, "user.fusepager.pid"), ANSWER_WAIT))
+        except (OSError, ValueError, _NoAnswer):
             pid = None
     result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
     if result.returncode != 0 and state == "stale":

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 import shlex
 import sys
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import trio
@@ -423,6 +424,26 @@ class Console:
 
 
 
+def _stdin_lines() -> Iterator[bytes]:
+    """Standard input's lines as bytes, read with os.read: a read of sys.stdin.buffer blocked
+    in a daemon thread holds the buffer's lock, and the interpreter's shutdown, which takes it,
+    then aborts the process ('Fatal Python error: _enter_buffered_busy', SIGABRT) whenever the
+    program ends while its input is still open (a daemon unmounted with --console)."""
+    pending = b""
+    while True:
+        chunk = os.read(sys.stdin.fileno(), 65536)
+        if not chunk:
+            break
+        pending += chunk
+        if b"\n" not in chunk:
+            continue  # a long line coming in pieces: split once it ends, not at every piece
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line + b"\n"
+    if pending:
+        yield pending
+
+
 async def serve_stdin(execute: Callable[[str], Awaitable[str]], *, prompt: Callable[[], str] | None = None) -> None:
     """Answer command lines from standard input with `execute` until the input ends.
 
@@ -436,7 +457,7 @@ async def serve_stdin(execute: Callable[[str], Awaitable[str]], *, prompt: Calla
         try:
             # Bytes, decoded one line at a time below: a line that is not UTF-8 gets its error
             # answer, where decoding the stream would end the reader (and the input) there.
-            for line in sys.stdin.buffer:
+            for line in _stdin_lines():
                 trio.from_thread.run(send.send, line, trio_token=token)
             trio.from_thread.run(send.send, None, trio_token=token)
         except trio.RunFinishedError:

@@ -185,3 +185,24 @@ def test_a_console_line_that_is_not_utf8_gets_an_error_and_the_kernel_takes_more
     answer = k1.answer(timeout=10)
     assert answer.startswith("error the command is not UTF-8 text"), answer
     _alive(session, k1, obj)
+
+
+def test_a_daemon_with_a_console_ends_with_status_0_when_unmounted(tmp_path):
+    """Reading the console's lines as bytes (`sys.stdin.buffer` in a thread) made every
+    unmount of a daemon with `--console` whose input was still open end in 'Fatal Python
+    error: _enter_buffered_busy' and SIGABRT (status -6, a core dump) at interpreter shutdown:
+    the reader thread held the buffer's lock in its blocking read.  A user's script that checks
+    the daemon's status saw a crash after every clean unmount."""
+    from fusepager.session import MountSession
+
+    daemon = MountSession(tmp_path / "store", tmp_path / "mnt", ["k1:4096"])
+    try:
+        os.mkdir(tmp_path / "mnt" / "objects" / "h")
+        assert daemon.command("map h 4096").startswith("ok map h")
+        subprocess.run(["fusermount3", "-u", str(daemon.mountpoint)], check=True, timeout=30)
+        daemon.process.wait(timeout=60)
+        log = daemon.daemon_stderr()
+    finally:
+        daemon.close()
+    assert "Fatal Python error" not in log, log
+    assert daemon.process.returncode == 0, log

@@ -255,3 +255,28 @@ def test_unmount_wait_is_range_checked(tmp_path, value):
     assert result.returncode == 2, result
     assert f"fusepager mount: --unmount-wait {value!r}: give a number of seconds from 0 to 3600" in result.stderr, result.stderr
     assert not os.path.ismount(tmp_path / "mnt")
+
+
+def test_fusepager_umount_of_a_stopped_daemon_does_not_hang(tmp_path):
+    """`fusepager umount` asked the mount itself first (a stat of the mount point, the daemon's
+    pid as an attribute): with the daemon stopped (SIGSTOP, or hung) those waited for ever, so
+    the one command meant to clear a mount hung, where `fusermount3 -u` works.  Now a daemon
+    that does not answer is said so, the mount goes, and the daemon finishes once it runs."""
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    daemon = MountSession(store, mnt, [])
+    try:
+        _make_object(mnt, "o", 4096)
+        os.kill(daemon.pid, signal.SIGSTOP)
+        try:
+            result = subprocess.run(
+                [sys.executable, "-m", "fusepager", "umount", str(mnt)], capture_output=True, text=True, timeout=GENEROUS * 2
+            )
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "does not answer" in result.stdout, result.stdout
+        assert str(mnt) not in open("/proc/self/mountinfo").read()
+        daemon.process.wait(timeout=GENEROUS)
+        assert daemon.process.returncode == 0, daemon.daemon_stderr()
+    finally:
+        daemon.close()
