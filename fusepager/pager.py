@@ -741,7 +741,17 @@ class Pager:
             # a copy or a temporary, the kernel asks only for pages the manager has.)
             data = data if data is not None else bytes(length)
             lock_value = VM_PROT_WRITE | self._manager_lock(offset, length)
-            self._send(record, m.MemoryObjectDataSupply(offset=offset, data=data, lock_value=lock_value, precious=False, reply_to=None))
+            if self._send(record, m.MemoryObjectDataSupply(offset=offset, data=data, lock_value=lock_value, precious=False, reply_to=None)):
+                # The kernel takes these pages after every flush sent before this supply: one
+                # of those may have taken them out of the pagemap since `_at_once_start`, yet
+                # the kernel holds them now.  Recorded again, so the flushes waiting for this
+                # answer take them back (`_lock_requests`), and no later grant forgets to ask
+                # this kernel first (it would unlock a page read before a change, and its
+                # write-back would undo the change).
+                page_size = record.page_size
+                for page in range(offset - offset % page_size, offset + length, page_size):
+                    if record.pagemap.get(page) is None:
+                        record.pagemap.grant(page, page_size, VM_PROT_READ)
         finally:
             served.sent.set()
             self._at_once.remove(served)
