@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 from collections import deque
 
 log = logging.getLogger("fusepager.trace")
@@ -119,6 +120,21 @@ class FileSegments:
         if self._written:
             self.rotate()  # the last run's lines: trace.1
         self.generation = 0
+        self._remove_beyond_keep()
+
+    def _remove_beyond_keep(self) -> None:
+        """Segments older than `keep` allows, left by a run that kept more (a smaller
+        --trace-keep now): removed, so the cap holds.  Only regular files named trace.N."""
+        for entry in os.listdir(self.directory):
+            name, dot, number = entry.partition(".")
+            if name != self.NAME or not dot or not (number.isascii() and number.isdigit()) or number.startswith("0"):
+                continue
+            path = os.path.join(self.directory, entry)
+            if int(number) > self.keep and os.path.isfile(path) and not os.path.islink(path):
+                try:
+                    os.unlink(path)
+                except OSError as error:
+                    log.warning("trace: cannot remove %s: %s", path, error.strerror)
 
     def _path(self, back: int) -> str:
         name = self.NAME if back == 0 else f"{self.NAME}.{back}"
@@ -195,9 +211,12 @@ class FileSegments:
             return self.current_size()
         if 0 < back <= self.older:
             try:
-                return os.stat(self._path(back)).st_size
+                info = os.lstat(self._path(back))
             except OSError:
                 return 0
+            # Only a segment's own file: a link planted in the store must not show its
+            # target's size (reads of it fail: O_NOFOLLOW).
+            return info.st_size if stat.S_ISREG(info.st_mode) else 0
         return 0
 
     def read(self, generation: int, offset: int, size: int) -> bytes:

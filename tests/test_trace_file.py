@@ -130,6 +130,36 @@ def test_huge_offsets_and_a_read_of_a_gone_segment_give_nothing(tmp_path):
             assert old.read() == (mnt / "trace.1").read_bytes()
 
 
+def test_a_link_planted_as_an_older_segment_shows_nothing_of_its_target(tmp_path):
+    """Found by the attack: `MNT/trace.1` showed the size of whatever a symlink planted at
+    STORE/trace/trace.1 pointed to (reads failed, the size leaked)."""
+    target = tmp_path / "secret"
+    target.write_bytes(b"s" * 12345)
+    store = tmp_path / "store"
+    with MountSession(store, tmp_path / "mnt", [], extra_args=["--trace-keep", "1"]):
+        pass  # a first run: its trace becomes trace.1 at the next mount
+    with MountSession(store, tmp_path / "mnt", [], extra_args=["--trace-keep", "1"]) as session:
+        planted = store / "trace" / "trace.1"
+        planted.unlink()
+        planted.symlink_to(target)
+        assert sh(f"stat -c %s {session.mountpoint}/trace.1").stdout.strip() == "0"
+        assert b"s" not in subprocess.run(["cat", str(session.mountpoint / "trace.1")], capture_output=True).stdout
+
+
+def test_a_smaller_trace_keep_removes_the_older_segments(tmp_path):
+    """Found by the attack: segments a run with a larger --trace-keep left stayed for ever."""
+    store = tmp_path / "store"
+    for _ in range(4):
+        with MountSession(store, tmp_path / "mnt", [], extra_args=["--trace-keep", "3"]):
+            pass
+    assert sorted(os.listdir(store / "trace")) == ["trace", "trace.1", "trace.2", "trace.3"]
+    with MountSession(store, tmp_path / "mnt", [], extra_args=["--trace-keep", "1"]) as session:
+        assert sorted(os.listdir(store / "trace")) == ["trace", "trace.1"]
+        assert sorted(name for name in os.listdir(session.mountpoint) if name.startswith("trace")) == ["trace", "trace.1"]
+    with MountSession(store, tmp_path / "mnt", [], extra_args=["--trace-keep", "0"]):
+        assert os.listdir(store / "trace") == ["trace"]
+
+
 def test_a_full_disk_keeps_trace_lines_in_memory_until_they_can_be_written(tmp_path):
     """The trace of a full store still tells why (its lines wait in memory, readable); those
     a rotation leaves unwritten are counted in the next segment; it is written once there is
